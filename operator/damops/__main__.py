@@ -1,0 +1,3 @@
+from damops.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""Typed settings, read from the environment with the seed's variable names.
+
+A bad value stops start-up with a message that names the variable
+(see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '30s'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(
+                f"{value!r} is not a duration: use seconds (e.g. 30) or a unit: 500ms, 30s, 5m, 1h, 1d"
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Settings(BaseSettings):
+    """Everything the scheduler, workers and housekeeping need, one source of truth."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL connection URL; unset means an embedded PostgreSQL under DAMOPS_HOME.",
+    )
+    damops_home: str = Field(
+        default=".damops", validation_alias="DAMOPS_HOME", description="Where the embedded PostgreSQL keeps its data."
+    )
+    pool: str = Field(default="default", min_length=1, validation_alias="DAMOPS_POOL")
+    secret: str | None = Field(
+        default=None,
+        validation_alias="DAMOPS_SECRET",
+        description="Shared secret checked when the scheduler opens a channel to a sidecar.",
+    )
+    worker_count: int = Field(default=4, ge=0, le=1024, validation_alias="WORKER_COUNT")
+    scheduler_heartbeat: Duration = Field(default=1.0, validation_alias="SCHEDULER_HEARTBEAT")
+    max_operation_processing_time: Duration = Field(default=600.0, validation_alias="MAX_OPERATION_PROCESSING_TIME")
+    max_worker_active_time: Duration = Field(default=600.0, validation_alias="MAX_WORKER_ACTIVE_TIME")
+    operation_wait_interval: Duration = Field(default=30.0, validation_alias="OPERATION_WAIT_INTERVAL")
+    poll_failed_operations_interval: Duration = Field(default=3600.0, validation_alias="POLL_FAILED_OPERATIONS_INTERVAL")
+    failed_operation_threshold_time_hours: float = Field(
+        default=24.0, gt=0, validation_alias="FAILED_OPERATION_THRESHOLD_TIME_HOURS"
+    )
+    failed_operation_threshold_limit_records: int = Field(
+        default=20000, ge=0, validation_alias="FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS"
+    )
+    housekeeping_interval: Duration = Field(default=5.0, validation_alias="HOUSEKEEPING_INTERVAL")
+    shutdown_grace: Duration = Field(default=30.0, validation_alias="SHUTDOWN_GRACE")
+    max_attempts: int = Field(default=3, ge=1, le=100, validation_alias="MAX_ATTEMPTS")
+
+
+class ConfigError(SystemExit):
+    """Raised at start-up for a bad setting; its message names the variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; on a bad value raise ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "?"
+            lines.append(f"invalid configuration: {name}={error.get('input')!r}: {error['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,235 @@
+"""The wire protocol between scheduler, sidecar and worker.
+
+Versioned JSON messages (pydantic models, discriminated by ``type``), framed
+with a 4-byte big-endian length prefix and bounded by a maximum frame size.
+A channel opens with a challenge/response on a shared secret: the listening
+side sends a random nonce, the connecting side answers HMAC-SHA256(secret,
+nonce). The secret itself never crosses the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
+HEARTBEAT_INTERVAL = 2.0
+# A peer that sent nothing (not even a heartbeat) for this long is dead.
+HEARTBEAT_TIMEOUT = 10.0
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A peer broke the protocol: bad frame, bad message, bad secret. Drop the connection."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+class Challenge(_Message):
+    type: Literal["challenge"] = "challenge"
+    nonce: str
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    role: Literal["scheduler", "worker"]
+    proof: str
+
+
+class Welcome(_Message):
+    """Sent by a sidecar after a good Hello. ``busy_operation`` lets a new
+    scheduler adopt an operation that a previous one handed out."""
+
+    type: Literal["welcome"] = "welcome"
+    worker: str
+    busy_operation: int | None = None
+    busy_attempt: int | None = None
+
+
+class Ready(_Message):
+    type: Literal["ready"] = "ready"
+    worker: str
+    pid: int
+
+
+class NotReady(_Message):
+    """The worker behind a sidecar went away; the sidecar waits for a new one."""
+
+    type: Literal["not_ready"] = "not_ready"
+    reason: str
+
+
+class Operation(_Message):
+    type: Literal["operation"] = "operation"
+    id: int
+    trigger_function: str
+    inputs: Any = None
+    attempt: int
+
+
+class StatusUpdate(_Message):
+    """The result of handling one operation (seed: StatusUpdate)."""
+
+    type: Literal["status"] = "status"
+    id: int
+    attempt: int
+    outcome: Literal["success", "failure", "wait"]
+    result: Any = None
+    error: str | None = None
+    # False for errors that a retry cannot fix (unknown trigger function, ...).
+    retryable: bool = True
+
+
+class Progress(_Message):
+    """Refreshes the worker's lastTouched while a long operation runs."""
+
+    type: Literal["progress"] = "progress"
+    id: int
+    message: str | None = None
+    fraction: float | None = None
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class Shutdown(_Message):
+    type: Literal["shutdown"] = "shutdown"
+
+
+Message = Annotated[
+    Union[Challenge, Hello, Welcome, Ready, NotReady, Operation, StatusUpdate, Progress, Heartbeat, Shutdown],
+    Field(discriminator="type"),
+]
+_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode(message: _Message, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """One frame: length prefix + JSON body. Raises ProtocolError if too large."""
+    body = message.model_dump_json().encode()
+    if len(body) > max_frame_bytes:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the maximum of {max_frame_bytes} bytes")
+    return _HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Message:
+    """Parse one frame body; raises ProtocolError naming what is wrong."""
+    try:
+        return _message_adapter.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise ProtocolError(f"malformed message: {where}: {first['msg']}") from None
+
+
+async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Read one frame. EOF raises asyncio.IncompleteReadError; bad frames ProtocolError."""
+    header = await reader.readexactly(_HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    if length > max_frame_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {max_frame_bytes} bytes")
+    return decode(await reader.readexactly(length))
+
+
+def make_proof(secret: str, nonce: str) -> str:
+    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def new_challenge() -> Challenge:
+    return Challenge(nonce=secrets.token_hex(16))
+
+
+def check_proof(secret: str, challenge: Challenge, hello: Hello) -> None:
+    if not hmac.compare_digest(make_proof(secret, challenge.nonce), hello.proof):
+        raise ProtocolError("wrong secret: the peer's proof does not match")
+
+
+def is_json_serializable(value: Any) -> str | None:
+    """None when ``value`` is plain JSON, else a message saying why not."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class Channel:
+    """A framed, authenticated connection: one reader, serialised writes."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.max_frame_bytes = max_frame_bytes
+
+    async def send(self, message: _Message) -> None:
+        self.writer.write(encode(message, self.max_frame_bytes))
+        await self.writer.drain()
+
+    def send_nowait(self, message: _Message) -> None:
+        """Queue a frame without waiting for the socket buffer to drain."""
+        self.writer.write(encode(message, self.max_frame_bytes))
+
+    async def receive(self, timeout: float | None = HEARTBEAT_TIMEOUT) -> Message:
+        try:
+            return await asyncio.wait_for(read_message(self.reader, self.max_frame_bytes), timeout)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"peer silent for {timeout:.0f}s (no heartbeat)") from None
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+    @property
+    def peer(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return str(peer) if peer else "unix-socket"
+
+    # Handshake helpers -------------------------------------------------
+
+    async def accept_handshake(self, secret: str, role: str) -> Hello:
+        """Listening side: challenge the peer and check its proof and role."""
+        challenge = new_challenge()
+        await self.send(challenge)
+        hello = await self.receive(timeout=HEARTBEAT_TIMEOUT)
+        if not isinstance(hello, Hello):
+            raise ProtocolError(f"expected hello, got {hello.type}")
+        check_proof(secret, challenge, hello)
+        if hello.role != role:
+            raise ProtocolError(f"expected a {role} peer, got {hello.role}")
+        return hello
+
+    async def open_handshake(self, secret: str, role: str) -> None:
+        """Connecting side: answer the listener's challenge."""
+        challenge = await self.receive(timeout=HEARTBEAT_TIMEOUT)
+        if not isinstance(challenge, Challenge):
+            raise ProtocolError(f"expected challenge, got {challenge.type}")
+        await self.send(Hello(role=role, proof=make_proof(secret, challenge.nonce)))  # type: ignore[arg-type]
+
+
+async def heartbeat_loop(channel: Channel) -> None:
+    """Send a Heartbeat every HEARTBEAT_INTERVAL until cancelled or the socket closes."""
+    try:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            channel.send_nowait(Heartbeat())
+    except (ConnectionError, RuntimeError):
+        return

@@ -1,0 +1,212 @@
+"""The sidecar: the worker's only door to the world.
+
+It listens on a Unix socket for its worker and on TCP for the scheduler,
+relays Operations one way and StatusUpdates/Progress the other, checks the
+shared secret on both, and answers Kubernetes probes over HTTP: ``/readyz``
+is 200 only while the worker has signalled ready, ``/livez`` while it runs.
+
+A StatusUpdate that arrives while no scheduler is connected is kept and
+delivered to the next scheduler that connects, so a scheduler restart loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from damops import protocol
+from damops.protocol import (
+    Heartbeat, NotReady, Operation, Progress, ProtocolError, Ready, Shutdown, StatusUpdate, Welcome,
+)
+
+log = logging.getLogger("damops.sidecar")
+
+
+@dataclass
+class _Assignment:
+    operation_id: int
+    attempt: int
+
+
+class Sidecar:
+    def __init__(self, name: str, secret: str, socket_path: str,
+                 max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.name = name
+        self.secret = secret
+        self.socket_path = socket_path
+        self.max_frame_bytes = max_frame_bytes
+        self.worker: protocol.Channel | None = None
+        self.worker_ready: Ready | None = None
+        self.scheduler: protocol.Channel | None = None
+        self.assignment: _Assignment | None = None
+        self.undelivered: list[StatusUpdate] = []
+        self.stopped = asyncio.Event()
+
+    # --- servers -----------------------------------------------------------
+
+    async def serve(self, listen_host: str | None = None, listen_port: int | None = None,
+                    listen_fd: int | None = None, health_port: int | None = None) -> None:
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        worker_server = await asyncio.start_unix_server(self._on_worker, path=self.socket_path)
+        os.chmod(self.socket_path, 0o660)
+        if listen_fd is not None:
+            sock = socket.socket(fileno=listen_fd)
+            scheduler_server = await asyncio.start_server(self._on_scheduler, sock=sock)
+        else:
+            scheduler_server = await asyncio.start_server(self._on_scheduler, listen_host, listen_port)
+        servers = [worker_server, scheduler_server]
+        if health_port is not None:
+            servers.append(await asyncio.start_server(self._on_health, "0.0.0.0", health_port))
+        log.info("sidecar %s listening: worker socket %s, scheduler %s", self.name, self.socket_path,
+                 scheduler_server.sockets[0].getsockname())
+        try:
+            await self.stopped.wait()
+        finally:
+            for server in servers:
+                server.close()
+
+    # --- the worker side ---------------------------------------------------
+
+    async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        channel = protocol.Channel(reader, writer, self.max_frame_bytes)
+        if self.worker is not None:
+            log.warning("refusing a second worker connection: one worker per sidecar")
+            await channel.close()
+            return
+        try:
+            await channel.accept_handshake(self.secret, "worker")
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            log.warning("dropping worker connection: %s", exc)
+            await channel.close()
+            return
+        self.worker = channel
+        beat = asyncio.create_task(protocol.heartbeat_loop(channel))
+        reason = "worker disconnected"
+        try:
+            while True:
+                message = await channel.receive()
+                if isinstance(message, Ready):
+                    self.worker_ready = message
+                    self._to_scheduler(Ready(worker=self.name, pid=message.pid))
+                elif isinstance(message, StatusUpdate):
+                    if self.assignment and self.assignment.operation_id == message.id:
+                        self.assignment = None
+                    self._deliver(message)
+                elif isinstance(message, Progress):
+                    self._to_scheduler(message)
+                elif not isinstance(message, Heartbeat):
+                    raise ProtocolError(f"unexpected {message.type} from the worker")
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            reason = f"worker connection dropped: {exc or type(exc).__name__}"
+            log.warning("%s", reason)
+        finally:
+            beat.cancel()
+            self.worker = None
+            self.worker_ready = None
+            await channel.close()
+            if self.assignment is not None:
+                lost, self.assignment = self.assignment, None
+                self._deliver(StatusUpdate(
+                    id=lost.operation_id, attempt=lost.attempt, outcome="failure",
+                    error=f"worker process lost while running the operation ({reason})", retryable=True,
+                ))
+            self._to_scheduler(NotReady(reason=reason))
+
+    # --- the scheduler side ------------------------------------------------
+
+    async def _on_scheduler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        channel = protocol.Channel(reader, writer, self.max_frame_bytes)
+        try:
+            await channel.accept_handshake(self.secret, "scheduler")
+        except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            log.warning("dropping scheduler connection from %s: %s", channel.peer, exc)
+            await channel.close()
+            return
+        previous, self.scheduler = self.scheduler, channel
+        if previous is not None:  # the newest scheduler wins (e.g. after an operator restart)
+            await previous.close()
+        busy = self.assignment
+        channel.send_nowait(Welcome(worker=self.name, busy_operation=busy and busy.operation_id,
+                                    busy_attempt=busy and busy.attempt))
+        for update in self.undelivered:
+            channel.send_nowait(update)
+        self.undelivered.clear()
+        if self.worker_ready is not None and self.assignment is None:
+            channel.send_nowait(Ready(worker=self.name, pid=self.worker_ready.pid))
+        beat = asyncio.create_task(protocol.heartbeat_loop(channel))
+        try:
+            while True:
+                message = await channel.receive()
+                if isinstance(message, Operation):
+                    await self._assign(message)
+                elif isinstance(message, Shutdown):
+                    if self.worker is not None:
+                        self.worker.send_nowait(message)
+                    self.stopped.set()
+                    return
+                elif not isinstance(message, Heartbeat):
+                    raise ProtocolError(f"unexpected {message.type} from the scheduler")
+        except asyncio.IncompleteReadError:
+            log.info("scheduler %s disconnected", channel.peer)
+        except (ProtocolError, ConnectionError) as exc:
+            log.warning("dropping scheduler connection from %s: %s", channel.peer, exc or type(exc).__name__)
+        finally:
+            beat.cancel()
+            if self.scheduler is channel:
+                self.scheduler = None
+            await channel.close()
+
+    async def _assign(self, op: Operation) -> None:
+        if self.worker is None or self.worker_ready is None or self.assignment is not None:
+            state = "busy" if self.assignment else "not ready"
+            self._deliver(StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure",
+                                       error=f"worker {self.name} is {state}", retryable=True))
+            return
+        self.assignment = _Assignment(op.id, op.attempt)
+        self.worker.send_nowait(op)
+
+    def _deliver(self, update: StatusUpdate) -> None:
+        if self.scheduler is not None:
+            self.scheduler.send_nowait(update)
+        else:
+            self.undelivered.append(update)
+
+    def _to_scheduler(self, message: protocol._Message) -> None:
+        if self.scheduler is not None:
+            self.scheduler.send_nowait(message)
+
+    # --- probes ------------------------------------------------------------
+
+    async def _on_health(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
+            if path.startswith("/readyz"):
+                ok = self.worker_ready is not None
+                body = b"ready\n" if ok else b"worker not ready\n"
+            else:
+                ok, body = True, b"alive\n"
+            status = b"200 OK" if ok else b"503 Service Unavailable"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+
+def main(name: str, secret: str, socket_path: str, listen: str | None, listen_fd: int | None,
+         health_port: int | None) -> None:
+    host, port = None, None
+    if listen:
+        host, _, port_text = listen.rpartition(":")
+        port = int(port_text)
+    sidecar = Sidecar(name, secret, socket_path)
+    asyncio.run(sidecar.serve(host or "0.0.0.0", port, listen_fd, health_port))

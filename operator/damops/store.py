@@ -1,0 +1,138 @@
+"""The scheduler's statements: claim, complete, touch, give back.
+
+Each is one statement however many operations it covers. Every statement that
+changes a PROCESSING row checks that the row is still held by the same worker
+for the same attempt, so a late or duplicate StatusUpdate can never overwrite
+a newer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from damops.protocol import StatusUpdate
+
+CLAIM_SQL = """
+UPDATE damops.operations AS o
+SET status = 'PROCESSING', updated = now(), attempts = o.attempts + 1, worker = w.name
+FROM (
+    SELECT id, row_number() OVER (ORDER BY priority, id) AS slot
+    FROM (
+        SELECT id, priority FROM damops.operations
+        WHERE pool = %(pool)s
+          AND (status = 'NEW'
+               OR (status = 'WAIT' AND updated < now() - make_interval(secs => %(wait_interval)s)))
+        ORDER BY priority, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS locked
+) AS claimed
+JOIN unnest(%(workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
+WHERE o.id = claimed.id
+RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker
+"""
+
+# Retryable failures go back to NEW while attempts remain; WAIT gives the
+# attempt back (waiting is not failing).
+COMPLETE_SQL = """
+UPDATE damops.operations AS o
+SET status = CASE
+        WHEN u.outcome = 'success' THEN 'SUCCESS'
+        WHEN u.outcome = 'wait' THEN 'WAIT'
+        WHEN u.retryable AND o.attempts < o.max_attempts THEN 'NEW'
+        ELSE 'FAILED' END,
+    result = CASE WHEN u.outcome = 'success' THEN u.result ELSE o.result END,
+    error = u.error,
+    attempts = CASE WHEN u.outcome = 'wait' THEN greatest(o.attempts - 1, 0) ELSE o.attempts END,
+    worker = NULL,
+    updated = now()
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[], %(outcomes)s::text[],
+            %(results)s::jsonb[], %(errors)s::text[], %(retryables)s::bool[])
+     AS u(id, attempt, worker, outcome, result, error, retryable)
+WHERE o.id = u.id AND o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
+RETURNING o.id, o.status
+"""
+
+TOUCH_SQL = """
+UPDATE damops.operations SET updated = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING'
+"""
+
+# Shutdown: unfinished operations go back to NEW without using up an attempt.
+RELEASE_SQL = """
+UPDATE damops.operations AS o
+SET status = 'NEW', attempts = greatest(o.attempts - 1, 0), worker = NULL, updated = now(),
+    error = %(reason)s
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[]) AS u(id, attempt, worker)
+WHERE o.id = u.id AND o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
+RETURNING o.id
+"""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    trigger_function: str
+    inputs: Any
+    attempt: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A StatusUpdate together with who sent it."""
+
+    update: StatusUpdate
+    worker: str
+
+
+async def claim(conn: psycopg.AsyncConnection, pool: str, workers: Sequence[str],
+                wait_interval: float) -> list[Claimed]:
+    """Claim up to len(workers) operations, the i-th for workers[i]."""
+    if not workers:
+        return []
+    cur = await conn.execute(
+        CLAIM_SQL, {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
+    )
+    return [Claimed(*row) for row in await cur.fetchall()]
+
+
+async def complete(conn: psycopg.AsyncConnection, completions: Sequence[Completion]) -> dict[int, str]:
+    """Write many StatusUpdates in one statement; return {id: new status} for those applied."""
+    if not completions:
+        return {}
+    updates = [c.update for c in completions]
+    cur = await conn.execute(
+        COMPLETE_SQL,
+        {
+            "ids": [u.id for u in updates],
+            "attempts": [u.attempt for u in updates],
+            "workers": [c.worker for c in completions],
+            "outcomes": [u.outcome for u in updates],
+            "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
+            "errors": [u.error for u in updates],
+            "retryables": [u.retryable for u in updates],
+        },
+    )
+    return dict(await cur.fetchall())
+
+
+async def touch(conn: psycopg.AsyncConnection, ids: Sequence[int]) -> None:
+    if ids:
+        await conn.execute(TOUCH_SQL, {"ids": list(ids)})
+
+
+async def release(conn: psycopg.AsyncConnection, held: Sequence[tuple[int, int, str]], reason: str) -> list[int]:
+    """Give unfinished operations back to NEW: held = (id, attempt, worker)."""
+    if not held:
+        return []
+    cur = await conn.execute(
+        RELEASE_SQL,
+        {"ids": [h[0] for h in held], "attempts": [h[1] for h in held], "workers": [h[2] for h in held],
+         "reason": reason},
+    )
+    return [row[0] for row in await cur.fetchall()]
