@@ -1,0 +1,91 @@
+"""Run the real engine (scheduler, local sidecar+worker processes, housekeeping)
+inside a test's event loop, and wait on the database for outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator, Iterable
+
+import psycopg
+
+from damops.config import Settings
+from damops.housekeeping import Housekeeper
+from damops.local import LocalSupervisor
+from damops.scheduler import Scheduler
+
+SECRET = "test-secret"
+
+
+def settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {"worker_count": 2, "scheduler_heartbeat": 0.2, "housekeeping_interval": 0.2,
+                               "shutdown_grace": 5.0, "secret": SECRET}
+    base.update(overrides)
+    return Settings(**base)
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, supervisor: LocalSupervisor, housekeeper: Housekeeper | None):
+        self.scheduler = scheduler
+        self.supervisor = supervisor
+        self.housekeeper = housekeeper
+
+    def worker_pids(self) -> set[int]:
+        return {pair.worker.pid for pair in self.supervisor.pairs.values() if pair.worker}
+
+
+@contextlib.asynccontextmanager
+async def running_engine(database_url: str, config: Settings | None = None, *, housekeeping: bool = True,
+                         wait_ready: bool = True) -> AsyncIterator[Engine]:
+    config = config or settings()
+    scheduler = Scheduler(config, database_url, secret=SECRET)
+    supervisor = LocalSupervisor(scheduler, config.worker_count, SECRET, name_prefix=f"t{id(scheduler) % 10000}")
+    housekeeper = Housekeeper(config, database_url) if housekeeping else None
+    await scheduler.start()
+    await supervisor.start()
+    hk_task = asyncio.create_task(housekeeper.run()) if housekeeper else None
+    engine = Engine(scheduler, supervisor, housekeeper)
+    try:
+        if wait_ready:
+            await wait_until(lambda: scheduler.snapshot().free == config.worker_count, 30, "workers to be free")
+        yield engine
+    finally:
+        await scheduler.stop()
+        if housekeeper:
+            housekeeper.stop()
+            await hk_task
+        await supervisor.stop()
+
+
+async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def statuses(database_url: str, ids: Iterable[int]) -> dict[int, str]:
+    with psycopg.connect(database_url) as conn:
+        return dict(conn.execute("SELECT id, status FROM damops.operations WHERE id = ANY(%s)", (list(ids),)))
+
+
+async def wait_final(database_url: str, ids: list[int], timeout: float = 60) -> dict[int, str]:
+    """Wait until every operation in ids is SUCCESS or FAILED; return their statuses."""
+    def check():
+        found = statuses(database_url, ids)
+        return found if all(s in ("SUCCESS", "FAILED") for s in found.values()) and len(found) == len(ids) else None
+    return await wait_until(check, timeout, f"{len(ids)} operations to reach a final state", interval=0.1)
+
+
+def row(database_url: str, op_id: int) -> dict:
+    with psycopg.connect(database_url) as conn:
+        cur = conn.execute("SELECT * FROM damops.operations WHERE id = %s", (op_id,))
+        names = [d.name for d in cur.description]
+        return dict(zip(names, cur.fetchone()))

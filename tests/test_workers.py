@@ -1,0 +1,100 @@
+"""Seed glossary: Pre-heating, Pending/Free/Active workers, StatusUpdate, Scheduler heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from damops.operations import NewOperation, enqueue, enqueue_many
+from engine import row, running_engine, settings, wait_final, wait_until
+
+
+def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
+    async def scenario():
+        async with running_engine(database_url, settings(worker_count=2)) as engine:
+            # Workers are up and free before any operation exists.
+            assert engine.scheduler.snapshot().free == 2
+            pids_before = engine.worker_pids()
+            with psycopg.connect(database_url) as conn:
+                ids = enqueue_many(conn, [NewOperation("damops_test_triggers:pid") for _ in range(40)])
+            await wait_final(database_url, ids)
+            assert engine.worker_pids() == pids_before
+            return pids_before, ids
+
+    pids, ids = asyncio.run(scenario())
+    with psycopg.connect(database_url) as conn:
+        used = {r[0] for r in conn.execute(
+            "SELECT (result->>'pid')::int FROM damops.operations WHERE id = ANY(%s)", (ids,))}
+    # 40 operations, only the 2 pre-heated processes ran them.
+    assert used <= pids and len(used) >= 1
+
+
+def test_worker_states_pending_free_active_free(database_url):
+    async def scenario():
+        config = settings(worker_count=1)
+        async with running_engine(database_url, config, wait_ready=False) as engine:
+            seen = [engine.scheduler.snapshot().workers[0].state]
+            assert seen == ["pending"]
+            await wait_until(lambda: engine.scheduler.snapshot().free == 1, 30, "the worker to be free")
+            with psycopg.connect(database_url) as conn:
+                op_id = enqueue(conn, "sleep", {"seconds": 0.6})
+            await wait_until(lambda: engine.scheduler.snapshot().active == 1, 10, "the worker to be active")
+            view = engine.scheduler.snapshot().workers[0]
+            assert view.operation_id == op_id
+            assert row(database_url, op_id)["status"] == "PROCESSING"
+            assert row(database_url, op_id)["worker"] == view.name
+            await wait_final(database_url, [op_id])
+            await wait_until(lambda: engine.scheduler.snapshot().free == 1, 10, "the worker to be free again")
+            assert engine.scheduler.snapshot().workers[0].operation_id is None
+            return op_id
+
+    op_id = asyncio.run(scenario())
+    assert row(database_url, op_id)["status"] == "SUCCESS"
+
+
+def test_status_updates_record_result_and_error(database_url):
+    async def scenario():
+        async with running_engine(database_url) as engine:
+            with psycopg.connect(database_url) as conn:
+                ok = enqueue(conn, "render_rendition", {"width": 64, "height": 64, "scale": 4})
+                bad = enqueue(conn, "fail", {"message": "boom"}, max_attempts=1)
+            await wait_final(database_url, [ok, bad])
+            return ok, bad
+
+    ok, bad = asyncio.run(scenario())
+    success = row(database_url, ok)
+    assert success["status"] == "SUCCESS"
+    assert success["result"]["width"] == 16 and len(success["result"]["sha256"]) == 64
+    assert success["worker"] is None and success["attempts"] == 1
+    failure = row(database_url, bad)
+    assert failure["status"] == "FAILED"
+    assert failure["error"] == "RuntimeError: boom"
+
+
+def test_notify_wakes_the_scheduler_long_before_its_heartbeat(database_url):
+    async def scenario():
+        # A 60 s heartbeat: only LISTEN/NOTIFY can get this operation started in time.
+        async with running_engine(database_url, settings(scheduler_heartbeat=60)) as engine:
+            await asyncio.sleep(0.5)  # let the listener connect
+            with psycopg.connect(database_url) as conn:
+                op_id = enqueue(conn, "noop")
+            await wait_final(database_url, [op_id], timeout=10)
+            return engine.scheduler.stats.claimed
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_priority_lower_runs_first(database_url):
+    async def scenario():
+        async with running_engine(database_url, settings(worker_count=1)) as engine:
+            engine.scheduler.claiming = False
+            with psycopg.connect(database_url) as conn:
+                low = enqueue(conn, "noop", priority=5)
+                high = enqueue(conn, "noop", priority=-5)
+            engine.scheduler.claiming = True
+            await wait_final(database_url, [low, high])
+            return low, high
+
+    low, high = asyncio.run(scenario())
+    assert row(database_url, high)["updated"] < row(database_url, low)["updated"]
