@@ -74,14 +74,14 @@ class Sidecar:
 
     async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         channel = protocol.Channel(reader, writer, self.max_frame_bytes)
-        if self.worker is not None:
-            log.warning("refusing a second worker connection: one worker per sidecar")
-            await channel.close()
-            return
         try:
             await channel.accept_handshake(self.secret, "worker")
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             log.warning("dropping worker connection: %s", exc)
+            await channel.close()
+            return
+        if self.worker is not None:
+            log.warning("refusing a second worker connection: one worker per sidecar")
             await channel.close()
             return
         self.worker = channel
