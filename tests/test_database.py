@@ -1,0 +1,124 @@
+"""Schema, migrations, the producer API and the claim's query plan."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from damops import store
+from damops.db import migrate, migration_files
+from damops.operations import NewOperation, count_queued, enqueue, enqueue_many, get, list_operations
+
+
+def test_migrate_is_idempotent_and_safe_to_run_concurrently(server_url):
+    name = "t_concurrent_migrate"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: migrate(url), range(4)))
+        applied = [r for r in results if r]
+        assert len(applied) == 1  # exactly one instance applied, the others waited and found nothing to do
+        assert applied[0] == [name for _, name, _ in migration_files()]
+        assert migrate(url) == []
+        with psycopg.connect(url) as conn:
+            versions = [r[0] for r in conn.execute("SELECT version FROM damops.schema_migrations ORDER BY 1")]
+        assert versions == [v for v, _, _ in migration_files()]
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_enqueue_joins_the_callers_transaction(database_url):
+    with psycopg.connect(database_url) as conn:
+        op_id = enqueue(conn, "noop", {"a": 1})
+        conn.rollback()
+        assert get(conn, op_id) is None
+        op_id = enqueue(conn, "noop", {"a": 1}, pool="images", priority=3, max_attempts=5)
+        conn.commit()
+        row = get(conn, op_id)
+    assert (row.status, row.pool, row.priority, row.max_attempts, row.inputs) == ("NEW", "images", 3, 5, {"a": 1})
+
+
+def test_enqueue_many_inserts_in_one_call_and_keeps_order(conn):
+    ops = [NewOperation("noop", {"i": i}, pool="p1" if i % 2 else "p2") for i in range(100)]
+    ids = enqueue_many(conn, ops)
+    assert ids == sorted(ids) and len(ids) == 100
+    assert [get(conn, i).inputs["i"] for i in ids[:3]] == [0, 1, 2]
+    assert count_queued(conn, "p1") == 50
+    assert {r.pool for r in list_operations(conn, status="NEW", pool="p2")} == {"p2"}
+
+
+def test_insert_notifies_the_pool_once_per_statement(database_url):
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN damops_operations")
+        with psycopg.connect(database_url) as producer:
+            enqueue_many(producer, [NewOperation("noop", pool="a") for _ in range(50)] + [NewOperation("noop", pool="b")])
+        payloads = sorted(n.payload for n in listener.notifies(timeout=1.0))
+    assert payloads == ["a", "b"]
+
+
+def test_claim_is_an_index_scan_on_the_claimable_rows(conn):
+    conn.execute(
+        "INSERT INTO damops.operations (trigger_function, status) "
+        "SELECT 'noop', 'SUCCESS' FROM generate_series(1, 20000)")
+    enqueue_many(conn, [NewOperation("noop") for _ in range(10)])
+    conn.execute("ANALYZE damops.operations")
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN " + store.CLAIM_SQL.replace("%(pool)s", "'default'").replace("%(wait_interval)s", "30")
+        .replace("%(limit)s", "4").replace("%(workers)s", "ARRAY['a','b','c','d']")))
+    assert "operations_claimable_idx" in plan, plan
+    assert "Seq Scan on operations" not in plan, plan
+
+
+def test_claim_takes_each_operation_once_across_concurrent_claimers(conn):
+    ids = enqueue_many(conn, [NewOperation("noop") for _ in range(200)])
+
+    async def claimer(name):
+        got = []
+        async with await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True) as aconn:
+            while batch := await store.claim(aconn, "default", [f"{name}-{i}" for i in range(7)], 30):
+                got += [c.id for c in batch]
+        return got
+
+    async def race():
+        return await asyncio.gather(*(claimer(f"s{n}") for n in range(4)))
+
+    claimed = [i for batch in asyncio.run(race()) for i in batch]
+    assert sorted(claimed) == ids  # every operation once, none twice
+
+
+def test_autovacuum_settings_suit_a_queue(conn):
+    options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'damops.operations'::regclass").fetchone()[0]
+    assert "autovacuum_vacuum_scale_factor=0.01" in options
+
+
+def _cli(database_url, *args, check=True):
+    env = dict(os.environ, DATABASE_URL=database_url)
+    result = subprocess.run([sys.executable, "-m", "damops", *args], env=env, capture_output=True, text=True,
+                            timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_cli_enqueue_status_list_and_migrate(database_url):
+    op_id = int(_cli(database_url, "enqueue", "sleep", "--inputs", '{"seconds": 2}', "--pool", "p9",
+                     "--priority", "4").stdout)
+    shown = _cli(database_url, "status", str(op_id)).stdout
+    assert '"trigger_function": "sleep"' in shown and '"pool": "p9"' in shown and '"priority": 4' in shown
+    listed = _cli(database_url, "list", "--status", "new", "--pool", "p9").stdout
+    assert str(op_id) in listed and "sleep" in listed
+    assert "schema is up to date" in _cli(database_url, "db", "migrate").stdout
+    missing = _cli(database_url, "status", "999999", check=False)
+    assert missing.returncode != 0 and "no operation with id 999999" in missing.stderr
+    bad_status = _cli(database_url, "list", "--status", "DONE", check=False)
+    assert bad_status.returncode != 0 and "unknown status" in bad_status.stderr

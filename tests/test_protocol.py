@@ -1,0 +1,117 @@
+"""Framing, validation and the handshake of the wire protocol, on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from damops import protocol
+from damops.config import load_settings, parse_duration
+
+
+def test_round_trip_of_every_message():
+    messages = [
+        protocol.Ready(worker="w", pid=1),
+        protocol.Operation(id=1, trigger_function="noop", inputs={"a": [1, 2]}, attempt=1),
+        protocol.StatusUpdate(id=1, attempt=1, outcome="success", result={"x": 1}),
+        protocol.StatusUpdate(id=1, attempt=1, outcome="failure", error="E: x", retryable=False),
+        protocol.Progress(id=1, fraction=0.5),
+        protocol.Heartbeat(),
+        protocol.Shutdown(),
+        protocol.Welcome(worker="w", busy_operation=7, busy_attempt=2),
+        protocol.NotReady(reason="gone"),
+    ]
+    for message in messages:
+        frame = protocol.encode(message)
+        (length,) = struct.unpack(">I", frame[:4])
+        assert length == len(frame) - 4
+        assert protocol.decode(frame[4:]) == message
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"not json", "Invalid JSON"),
+    (b'{"type": "operation", "id": 1}', "operation.trigger_function"),
+    (b'{"type": "launch_missiles"}', "does not match any of the expected tags"),
+    (b'{"type": "heartbeat", "v": 2}', "heartbeat.v"),
+    (b'{"type": "heartbeat", "extra": 1}', "heartbeat.extra"),
+])
+def test_malformed_messages_are_refused_with_a_reason(body, problem):
+    with pytest.raises(protocol.ProtocolError, match="malformed message") as err:
+        protocol.decode(body)
+    assert problem in str(err.value)
+
+
+def test_oversized_frames_are_refused_both_ways():
+    with pytest.raises(protocol.ProtocolError, match="exceeds the maximum"):
+        protocol.encode(protocol.Operation(id=1, trigger_function="f", inputs="x" * 200, attempt=1), 100)
+
+    async def read_oversized():
+        reader = asyncio.StreamReader()
+        reader.feed_data(struct.pack(">I", 101))
+        await protocol.read_message(reader, max_frame_bytes=100)
+
+    with pytest.raises(protocol.ProtocolError, match="101 bytes exceeds"):
+        asyncio.run(read_oversized())
+
+
+def test_handshake_over_a_real_socket_accepts_the_secret_and_rejects_others():
+    outcomes = []
+
+    async def scenario():
+        async def serve(reader, writer):
+            channel = protocol.Channel(reader, writer)
+            try:
+                await channel.accept_handshake("s3cret", "scheduler")
+                outcomes.append("accepted")
+            except protocol.ProtocolError as exc:
+                outcomes.append(str(exc))
+            await channel.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for secret, role in (("s3cret", "scheduler"), ("guess", "scheduler"), ("s3cret", "worker")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            channel = protocol.Channel(reader, writer)
+            await channel.open_handshake(secret, role)
+            await asyncio.sleep(0.1)
+            await channel.close()
+        server.close()
+
+    asyncio.run(scenario())
+    assert outcomes[0] == "accepted"
+    assert "wrong secret" in outcomes[1]
+    assert "expected a scheduler peer, got worker" in outcomes[2]
+
+
+def test_durations_accept_seconds_and_units():
+    assert parse_duration(30) == 30.0
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("5m") == 300.0
+    assert parse_duration("1h") == 3600.0
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+    with pytest.raises(ValueError):
+        parse_duration(0)
+
+
+def test_settings_read_the_seeds_variable_names(monkeypatch):
+    monkeypatch.setenv("POLL_FAILED_OPERATIONS_INTERVAL", "2h")
+    monkeypatch.setenv("FAILED_OPERATION_THRESHOLD_TIME_HOURS", "12")
+    monkeypatch.setenv("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS", "500")
+    monkeypatch.setenv("OPERATION_WAIT_INTERVAL", "45s")
+    settings = load_settings()
+    assert settings.poll_failed_operations_interval == 7200
+    assert settings.failed_operation_threshold_time_hours == 12
+    assert settings.failed_operation_threshold_limit_records == 500
+    assert settings.operation_wait_interval == 45
+    monkeypatch.delenv("POLL_FAILED_OPERATIONS_INTERVAL")
+    monkeypatch.delenv("FAILED_OPERATION_THRESHOLD_TIME_HOURS")
+    monkeypatch.delenv("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS")
+    defaults = load_settings()
+    assert (defaults.poll_failed_operations_interval, defaults.failed_operation_threshold_time_hours,
+            defaults.failed_operation_threshold_limit_records) == (3600, 24, 20000)
+    monkeypatch.setenv("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS", "lots")
+    with pytest.raises(SystemExit, match="FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS='lots'"):
+        load_settings()
