@@ -89,16 +89,17 @@ class Sidecar:
         reason = "worker disconnected"
         try:
             while True:
-                message = await channel.receive()
-                if isinstance(message, Ready):
-                    self.worker_ready = message
-                    self._to_scheduler(Ready(worker=self.name, pid=message.pid))
-                elif isinstance(message, StatusUpdate):
+                message, frame = await channel.receive_frame()
+                if isinstance(message, StatusUpdate):
                     if self.assignment and self.assignment.operation_id == message.id:
                         self.assignment = None
-                    self._deliver(message)
+                    self._deliver(message, frame)
                 elif isinstance(message, Progress):
-                    self._to_scheduler(message)
+                    if self.scheduler is not None:
+                        self.scheduler.send_frame_nowait(frame)
+                elif isinstance(message, Ready):
+                    self.worker_ready = message
+                    self._to_scheduler(Ready(worker=self.name, pid=message.pid))
                 elif not isinstance(message, Heartbeat):
                     raise ProtocolError(f"unexpected {message.type} from the worker")
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -141,9 +142,9 @@ class Sidecar:
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
         try:
             while True:
-                message = await channel.receive()
+                message, frame = await channel.receive_frame()
                 if isinstance(message, Operation):
-                    await self._assign(message)
+                    self._assign(message, frame)
                 elif isinstance(message, Shutdown):
                     if self.worker is not None:
                         self.worker.send_nowait(message)
@@ -161,18 +162,22 @@ class Sidecar:
                 self.scheduler = None
             await channel.close()
 
-    async def _assign(self, op: Operation) -> None:
+    def _assign(self, op: Operation, frame: bytes) -> None:
         if self.worker is None or self.worker_ready is None or self.assignment is not None:
             state = "busy" if self.assignment else "not ready"
             self._deliver(StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure",
                                        error=f"worker {self.name} is {state}", retryable=True))
             return
         self.assignment = _Assignment(op.id, op.attempt)
-        self.worker.send_nowait(op)
+        self.worker.send_frame_nowait(frame)
 
-    def _deliver(self, update: StatusUpdate) -> None:
+    def _deliver(self, update: StatusUpdate, frame: bytes | None = None) -> None:
+        """To the scheduler now, or kept for the next one that connects."""
         if self.scheduler is not None:
-            self.scheduler.send_nowait(update)
+            if frame is not None:
+                self.scheduler.send_frame_nowait(frame)
+            else:
+                self.scheduler.send_nowait(update)
         else:
             self.undelivered.append(update)
 

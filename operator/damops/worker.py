@@ -2,7 +2,12 @@
 
 It talks only to its sidecar, over a Unix socket. It connects, proves it knows
 the shared secret, says Ready, then runs each Operation it is given and answers
-with one StatusUpdate.
+with exactly one StatusUpdate.
+
+A worker does one thing at a time, so it uses plain blocking sockets: the main
+thread receives and runs operations, a small thread sends heartbeats so the
+sidecar knows a long operation is still alive. Async trigger functions run on
+one event loop kept for the life of the process.
 """
 
 from __future__ import annotations
@@ -12,13 +17,61 @@ import inspect
 import logging
 import os
 import socket
-from typing import Any
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from damops import protocol
 from damops.protocol import Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
 from damops.triggers import Context, PermanentError, TriggerRegistry, UnknownTriggerFunction, Wait
 
 log = logging.getLogger("damops.worker")
+_HEADER = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    function: Callable[..., Any]
+    takes_context: bool
+    is_async: bool
+    logger: logging.Logger
+
+
+class BlockingChannel:
+    """Length-prefixed frames over a blocking socket; sends are thread-safe."""
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        self.sock = sock
+        self.max_frame_bytes = max_frame_bytes
+        self._send_lock = threading.Lock()
+        self._file = sock.makefile("rb")
+
+    def send(self, message: protocol._Message) -> None:
+        self.send_frame(protocol.encode(message, self.max_frame_bytes))
+
+    def send_frame(self, frame: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(frame)
+
+    def receive(self) -> protocol.Message:
+        header = self._file.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            raise EOFError("the sidecar closed the connection")
+        (length,) = _HEADER.unpack(header)
+        if length > self.max_frame_bytes:
+            raise protocol.ProtocolError(f"frame of {length} bytes exceeds the maximum of {self.max_frame_bytes}")
+        body = self._file.read(length)
+        if len(body) < length:
+            raise EOFError("the sidecar closed the connection mid-frame")
+        return protocol.decode(body)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class WorkerRuntime:
@@ -29,72 +82,91 @@ class WorkerRuntime:
         self.name = name or socket.gethostname()
         self.max_frame_bytes = max_frame_bytes
         self.registry = TriggerRegistry()
-        self._channel: protocol.Channel | None = None
+        self._resolved: dict[str, _Resolved] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channel: BlockingChannel | None = None
 
-    async def run(self) -> None:
-        reader, writer = await self._connect()
-        channel = self._channel = protocol.Channel(reader, writer, self.max_frame_bytes)
-        await channel.open_handshake(self.secret, "worker")
-        await channel.send(Ready(worker=self.name, pid=os.getpid()))
+    def run(self) -> None:
+        channel = self._channel = BlockingChannel(self._connect(), self.max_frame_bytes)
+        challenge = channel.receive()
+        if not isinstance(challenge, protocol.Challenge):
+            raise protocol.ProtocolError(f"expected challenge, got {challenge.type}")
+        channel.send(protocol.Hello(role="worker", proof=protocol.make_proof(self.secret, challenge.nonce)))
+        channel.send(Ready(worker=self.name, pid=os.getpid()))
         log.info("worker %s (pid %d) ready", self.name, os.getpid())
-        beat = asyncio.create_task(protocol.heartbeat_loop(channel))
+        stop_beating = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(channel, stop_beating), daemon=True).start()
         try:
             while True:
-                message = await channel.receive()
+                message = channel.receive()
                 if isinstance(message, Operation):
-                    update = await self.handle(message)
-                    await channel.send(self._fit(update))
+                    channel.send_frame(self._frame(self.handle(message)))
                 elif isinstance(message, Shutdown):
                     log.info("worker %s shutting down", self.name)
                     return
                 elif not isinstance(message, Heartbeat):
                     raise protocol.ProtocolError(f"unexpected {message.type} from the sidecar")
         finally:
-            beat.cancel()
-            await channel.close()
+            stop_beating.set()
+            channel.close()
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def _connect(self) -> socket.socket:
         """The sidecar may start after us: retry until its socket answers."""
         delay = 0.02
-        for _ in range(600):
+        deadline = time.monotonic() + 120
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                return await asyncio.open_unix_connection(self.socket_path)
+                sock.connect(self.socket_path)
+                return sock
             except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(delay)
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"no sidecar listening on {self.socket_path}") from None
+                time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        raise ConnectionError(f"no sidecar listening on {self.socket_path}")
 
-    def _report_progress(self, operation_id: int, loop: asyncio.AbstractEventLoop):
+    @staticmethod
+    def _heartbeat(channel: BlockingChannel, stop: threading.Event) -> None:
+        while not stop.wait(protocol.HEARTBEAT_INTERVAL):
+            try:
+                channel.send(Heartbeat())
+            except OSError:
+                return
+
+    def _resolve(self, name: str) -> _Resolved:
+        resolved = self._resolved.get(name)
+        if resolved is None:
+            function = self.registry.resolve(name)
+            resolved = _Resolved(function, _takes_context(function), inspect.iscoroutinefunction(function),
+                                 logging.getLogger(f"damops.trigger.{name}"))
+            self._resolved[name] = resolved
+        return resolved
+
+    def _progress(self, operation_id: int) -> Callable[[str | None, float | None], None]:
         def report(message: str | None, fraction: float | None) -> None:
-            frame = Progress(id=operation_id, message=message, fraction=fraction)
             if self._channel is not None:
-                loop.call_soon_threadsafe(self._channel.send_nowait, frame)
+                self._channel.send(Progress(id=operation_id, message=message, fraction=fraction))
         return report
 
-    async def handle(self, op: Operation) -> StatusUpdate:
+    def handle(self, op: Operation) -> StatusUpdate:
         """Run one operation; every outcome becomes exactly one StatusUpdate."""
         def failure(error: str, retryable: bool) -> StatusUpdate:
             return StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure", error=error, retryable=retryable)
 
         try:
-            function = self.registry.resolve(op.trigger_function)
+            target = self._resolve(op.trigger_function)
         except UnknownTriggerFunction as exc:
             return failure(str(exc), retryable=False)
-        context = Context(
-            operation_id=op.id,
-            attempt=op.attempt,
-            logger=logging.getLogger(f"damops.trigger.{op.trigger_function}"),
-            _report_progress=self._report_progress(op.id, asyncio.get_running_loop()),
-        )
-        args = _arguments(function, op.inputs, context)
+        args: tuple[Any, ...] = (op.inputs,)
+        if target.takes_context:
+            args = (op.inputs, Context(op.id, op.attempt, target.logger, self._progress(op.id)))
         try:
-            if inspect.iscoroutinefunction(function):
-                result = await function(*args)
-            else:
-                # A thread keeps heartbeats flowing while sync code runs.
-                result = await asyncio.to_thread(function, *args)
-                if inspect.isawaitable(result):
-                    result = await result
+            result = target.function(*args)
+            if inspect.isawaitable(result):
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                result = self._loop.run_until_complete(result)
         except PermanentError as exc:
             return failure(f"PermanentError: {exc}", retryable=False)
         except Exception as exc:  # noqa: BLE001 - any error of user code fails the operation
@@ -102,35 +174,35 @@ class WorkerRuntime:
             return failure(f"{type(exc).__name__}: {exc}", retryable=True)
         if isinstance(result, Wait):
             return StatusUpdate(id=op.id, attempt=op.attempt, outcome="wait", error=result.reason or None)
-        problem = protocol.is_json_serializable(result)
-        if problem:
-            return failure(
-                f"the result of trigger function {op.trigger_function!r} is not JSON-serializable: {problem}",
-                retryable=False,
-            )
+        if result is not None and not isinstance(result, (str, int, float, bool)):
+            problem = protocol.is_json_serializable(result)
+            if problem:
+                return failure(
+                    f"the result of trigger function {op.trigger_function!r} is not JSON-serializable: {problem}",
+                    retryable=False,
+                )
         return StatusUpdate(id=op.id, attempt=op.attempt, outcome="success", result=result)
 
-    def _fit(self, update: StatusUpdate) -> StatusUpdate:
-        """A result too large for one frame fails the operation instead of the channel."""
+    def _frame(self, update: StatusUpdate) -> bytes:
+        """Encode once; a result too large for one frame fails the operation instead of the channel."""
         try:
-            protocol.encode(update, self.max_frame_bytes)
+            return protocol.encode(update, self.max_frame_bytes)
         except protocol.ProtocolError as exc:
-            return StatusUpdate(id=update.id, attempt=update.attempt, outcome="failure",
-                                error=f"result too large: {exc}", retryable=False)
-        return update
+            return protocol.encode(StatusUpdate(id=update.id, attempt=update.attempt, outcome="failure",
+                                                error=f"result too large: {exc}", retryable=False))
 
 
-def _arguments(function: Any, inputs: Any, context: Context) -> tuple[Any, ...]:
+def _takes_context(function: Any) -> bool:
     """Trigger functions take (inputs, context) or just (inputs)."""
     try:
-        parameters = inspect.signature(function).parameters.values()
+        parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
-        return (inputs, context)
+        return True
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return True
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
-        return (inputs,)
-    return (inputs, context)
+    return len(positional) != 1
 
 
 def main(socket_path: str, secret: str, name: str | None = None) -> None:
-    asyncio.run(WorkerRuntime(socket_path, secret, name).run())
+    WorkerRuntime(socket_path, secret, name).run()
