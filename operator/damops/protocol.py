@@ -15,6 +15,7 @@ import hmac
 import json
 import secrets
 import struct
+import time
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -183,6 +184,8 @@ class Channel:
         self.reader = reader
         self.writer = writer
         self.max_frame_bytes = max_frame_bytes
+        self.last_seen = time.monotonic()
+        self.silent_reason: str | None = None
 
     async def send(self, message: _Message) -> None:
         self.writer.write(encode(message, self.max_frame_bytes))
@@ -196,12 +199,25 @@ class Channel:
         return (await self.receive_frame(timeout))[0]
 
     async def receive_frame(self, timeout: float | None = HEARTBEAT_TIMEOUT) -> tuple[Message, bytes]:
-        """The next message and its raw frame; a peer silent for ``timeout`` is an error."""
+        """The next message and its raw frame.
+
+        With ``timeout=None`` no timer is armed per message (the hot path);
+        :func:`heartbeat_loop` then closes a channel whose peer fell silent,
+        and the read fails with that reason."""
         try:
-            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-                return await read_frame(self.reader, self.max_frame_bytes)
+            if timeout is None:
+                received = await read_frame(self.reader, self.max_frame_bytes)
+            else:
+                async with asyncio.timeout(timeout):
+                    received = await read_frame(self.reader, self.max_frame_bytes)
         except TimeoutError:
             raise ProtocolError(f"peer silent for {timeout:.0f}s (no heartbeat)") from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if self.silent_reason:
+                raise ProtocolError(self.silent_reason) from None
+            raise
+        self.last_seen = time.monotonic()
+        return received
 
     def send_frame_nowait(self, frame: bytes) -> None:
         """Relay a frame already encoded (and size-checked) by its sender."""
@@ -242,10 +258,15 @@ class Channel:
 
 
 async def heartbeat_loop(channel: Channel) -> None:
-    """Send a Heartbeat every HEARTBEAT_INTERVAL until cancelled or the socket closes."""
+    """Send a Heartbeat every HEARTBEAT_INTERVAL, and close the channel once
+    the peer has been silent for HEARTBEAT_TIMEOUT (its reader then fails)."""
     try:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if time.monotonic() - channel.last_seen > HEARTBEAT_TIMEOUT:
+                channel.silent_reason = f"peer silent for {HEARTBEAT_TIMEOUT:.0f}s (no heartbeat)"
+                channel.writer.close()
+                return
             channel.send_nowait(Heartbeat())
     except (ConnectionError, RuntimeError):
         return

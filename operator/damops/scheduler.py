@@ -232,7 +232,7 @@ class Scheduler:
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
         try:
             while True:
-                message = await channel.receive()
+                message = await channel.receive(timeout=None)
                 if isinstance(message, StatusUpdate):
                     self._on_status(handle, message)
                 elif isinstance(message, Ready):

@@ -89,7 +89,7 @@ class Sidecar:
         reason = "worker disconnected"
         try:
             while True:
-                message, frame = await channel.receive_frame()
+                message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, StatusUpdate):
                     if self.assignment and self.assignment.operation_id == message.id:
                         self.assignment = None
@@ -142,7 +142,7 @@ class Sidecar:
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
         try:
             while True:
-                message, frame = await channel.receive_frame()
+                message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, Operation):
                     self._assign(message, frame)
                 elif isinstance(message, Shutdown):
