@@ -112,5 +112,8 @@ def test_database_outage_scheduler_retries_and_resumes_losing_nothing(tmp_path):
                 after = enqueue_many(conn, [NewOperation("noop") for _ in range(4)])
             return await wait_final(url, before + after, timeout=60)
 
-    final = asyncio.run(scenario())
+    try:
+        final = asyncio.run(scenario())
+    finally:
+        _pg_ctl(datadir, "-w", "-m", "fast", "stop")
     assert len(final) == 10 and set(final.values()) == {"SUCCESS"}

@@ -115,3 +115,42 @@ def test_settings_read_the_seeds_variable_names(monkeypatch):
     monkeypatch.setenv("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS", "lots")
     with pytest.raises(SystemExit, match="FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS='lots'"):
         load_settings()
+
+
+def test_a_silent_peer_is_dropped_by_the_heartbeat_watchdog(tmp_path):
+    """A real sidecar process; the 'scheduler' authenticates, then never speaks again."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sidecar = subprocess.Popen([sys.executable, "-m", "damops", "sidecar", "--name", "w", "--socket",
+                                str(tmp_path / "w.sock"), "--listen", f"127.0.0.1:{port}"],
+                               env=dict(os.environ, DAMOPS_SECRET="s"), stderr=subprocess.PIPE, text=True)
+
+    async def scenario():
+        for _ in range(100):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.1)
+        channel = protocol.Channel(reader, writer)
+        await channel.open_handshake("s", "scheduler")
+        started = time.monotonic()
+        with pytest.raises(asyncio.IncompleteReadError):
+            while True:  # read its welcome and heartbeats, never answer
+                await asyncio.wait_for(protocol.read_message(reader), 30)
+        return time.monotonic() - started
+
+    try:
+        silent_for = asyncio.run(scenario())
+    finally:
+        sidecar.terminate()
+        _, stderr = sidecar.communicate(timeout=10)
+    assert silent_for >= protocol.HEARTBEAT_TIMEOUT
+    assert "peer silent" in stderr

