@@ -322,24 +322,63 @@ class Scheduler:
         return self._conn
 
     async def _cycle(self) -> None:
+        """Write what workers reported and claim for the free ones: one round
+        trip to the database (pipeline mode), whatever the number of workers."""
         async with self._cycle_lock:
             conn = await self._connection()
-            await self._flush(conn)
-            if not self.claiming or self._stopping:
-                return
-            free = [h for h in self.workers.values()
-                    if h.state is WorkerState.FREE and not h.draining and h.channel is not None]
-            if not free:
+            free = []
+            if self.claiming and not self._stopping:
+                free = [h for h in self.workers.values()
+                        if h.state is WorkerState.FREE and not h.draining and h.channel is not None]
+            completions, self._completions = self._completions, []
+            touches, self._touches = self._touches, set()
+            releases, self._releases = self._releases, []
+            if not (free or completions or touches or releases):
                 return
             started = time.monotonic()
-            claimed = await store.claim(conn, self.pool, [h.name for h in free], self.settings.operation_wait_interval)
+            try:
+                async with conn.pipeline():
+                    applied = await self._queue_writes(conn, completions, touches, releases)
+                    claim = None
+                    if free:
+                        claim = await conn.execute(store.CLAIM_SQL, store.claim_params(
+                            self.pool, [h.name for h in free], self.settings.operation_wait_interval))
+                # Leaving the pipeline block has sent everything and read every result.
+                if applied is not None:
+                    self._count(dict(await applied.fetchall()))
+                claimed = [Claimed(*row) for row in await claim.fetchall()] if claim is not None else []
+            except BaseException:
+                self._requeue(completions, touches, releases)
+                raise
             for op in claimed:
                 self._send(op)
             if claimed:
                 self.stats.claimed += len(claimed)
                 self.stats.dispatch_latency_seconds_total += time.monotonic() - started
-            if len(claimed) == len(free) and claimed:
+            if claimed and len(claimed) == len(free):
                 self._wake.set()  # the queue may hold more: look again when workers free up
+
+    async def _queue_writes(self, conn: psycopg.AsyncConnection, completions: list[Completion],
+                            touches: set[int], releases: list[tuple[int, int, str]]) -> psycopg.AsyncCursor | None:
+        """Queue the buffered StatusUpdates, touches and releases on ``conn``;
+        return the cursor of the StatusUpdates (its rows say what was applied)."""
+        applied = None
+        if completions:
+            applied = await conn.execute(store.COMPLETE_SQL, store.complete_params(completions))
+        if touches:
+            await conn.execute(store.TOUCH_SQL, {"ids": list(touches)})
+        if releases:
+            await conn.execute(store.RELEASE_SQL, store.release_params(
+                releases, "released: its worker or scheduler stopped before it finished"))
+        return applied
+
+    def _requeue(self, completions: list[Completion], touches: set[int],
+                 releases: list[tuple[int, int, str]]) -> None:
+        """A database error: put the writes back. Replaying them is safe, every
+        statement checks the row is still held by that worker and attempt."""
+        self._completions[:0] = completions
+        self._touches |= touches
+        self._releases[:0] = releases
 
     def _send(self, op: Claimed) -> None:
         handle = self.workers.get(op.worker)
@@ -361,23 +400,17 @@ class Scheduler:
                 retryable=False), op.worker))
 
     async def _flush(self, conn: psycopg.AsyncConnection) -> None:
-        """Write buffered StatusUpdates, touches and releases. On a database
-        error they go back into the buffer: nothing is lost."""
+        """Write buffered StatusUpdates, touches and releases (at shutdown)."""
         completions, self._completions = self._completions, []
         touches, self._touches = self._touches, set()
         releases, self._releases = self._releases, []
         try:
-            if completions:
-                applied = await store.complete(conn, completions)
-                self._count(applied)
-            if touches:
-                await store.touch(conn, list(touches))
-            if releases:
-                await store.release(conn, releases, "released: its worker or scheduler stopped before it finished")
+            async with conn.pipeline():
+                applied = await self._queue_writes(conn, completions, touches, releases)
+            if applied is not None:
+                self._count(dict(await applied.fetchall()))
         except BaseException:
-            self._completions[:0] = completions
-            self._touches |= touches
-            self._releases[:0] = releases
+            self._requeue(completions, touches, releases)
             raise
 
     async def _flush_with_retry(self, deadline: float) -> None:

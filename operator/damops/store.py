@@ -90,14 +90,16 @@ class Completion:
     worker: str
 
 
+def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dict[str, Any]:
+    return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
+
+
 async def claim(conn: psycopg.AsyncConnection, pool: str, workers: Sequence[str],
                 wait_interval: float) -> list[Claimed]:
     """Claim up to len(workers) operations, the i-th for workers[i]."""
     if not workers:
         return []
-    cur = await conn.execute(
-        CLAIM_SQL, {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
-    )
+    cur = await conn.execute(CLAIM_SQL, claim_params(pool, workers, wait_interval))
     return [Claimed(*row) for row in await cur.fetchall()]
 
 
@@ -105,20 +107,21 @@ async def complete(conn: psycopg.AsyncConnection, completions: Sequence[Completi
     """Write many StatusUpdates in one statement; return {id: new status} for those applied."""
     if not completions:
         return {}
-    updates = [c.update for c in completions]
-    cur = await conn.execute(
-        COMPLETE_SQL,
-        {
-            "ids": [u.id for u in updates],
-            "attempts": [u.attempt for u in updates],
-            "workers": [c.worker for c in completions],
-            "outcomes": [u.outcome for u in updates],
-            "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
-            "errors": [u.error for u in updates],
-            "retryables": [u.retryable for u in updates],
-        },
-    )
+    cur = await conn.execute(COMPLETE_SQL, complete_params(completions))
     return dict(await cur.fetchall())
+
+
+def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
+    updates = [c.update for c in completions]
+    return {
+        "ids": [u.id for u in updates],
+        "attempts": [u.attempt for u in updates],
+        "workers": [c.worker for c in completions],
+        "outcomes": [u.outcome for u in updates],
+        "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
+        "errors": [u.error for u in updates],
+        "retryables": [u.retryable for u in updates],
+    }
 
 
 async def touch(conn: psycopg.AsyncConnection, ids: Sequence[int]) -> None:
@@ -130,9 +133,10 @@ async def release(conn: psycopg.AsyncConnection, held: Sequence[tuple[int, int, 
     """Give unfinished operations back to NEW: held = (id, attempt, worker)."""
     if not held:
         return []
-    cur = await conn.execute(
-        RELEASE_SQL,
-        {"ids": [h[0] for h in held], "attempts": [h[1] for h in held], "workers": [h[2] for h in held],
-         "reason": reason},
-    )
+    cur = await conn.execute(RELEASE_SQL, release_params(held, reason))
     return [row[0] for row in await cur.fetchall()]
+
+
+def release_params(held: Sequence[tuple[int, int, str]], reason: str) -> dict[str, Any]:
+    return {"ids": [h[0] for h in held], "attempts": [h[1] for h in held], "workers": [h[2] for h in held],
+            "reason": reason}
