@@ -134,6 +134,12 @@ async def run_async(settings: Settings, *, demo: bool = False, demo_count: int =
         with psycopg.connect(url) as conn:
             counts = count_by_status(conn, scheduler.pool)
         print(f"done: {counts}")
+        with psycopg.connect(url) as conn:
+            failed = conn.execute(
+                "SELECT id, trigger_function, attempts, error FROM damops.operations"
+                " WHERE pool = %s AND status = 'FAILED' ORDER BY id DESC LIMIT 5", (scheduler.pool,)).fetchall()
+        for op_id, trigger_function, attempts, error in failed:
+            print(f"  FAILED #{op_id} {trigger_function} after {attempts} attempt(s): {error}")
 
 
 def run(settings: Settings, **kwargs: object) -> None:
