@@ -117,3 +117,43 @@ def test_database_outage_scheduler_retries_and_resumes_losing_nothing(tmp_path):
     finally:
         _pg_ctl(datadir, "-w", "-m", "fast", "stop")
     assert len(final) == 10 and set(final.values()) == {"SUCCESS"}
+
+
+def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, tmp_path):
+    """The operator-restart case: scheduler A dies without any cleanup while its
+    workers run; scheduler B connects to the same sidecars, learns what each is
+    busy with, and records the results: no operation lost or run twice."""
+    from damops.scheduler import Scheduler
+    from engine import SECRET
+
+    log_file = tmp_path / "executions.log"
+
+    async def scenario():
+        async with running_engine(database_url, settings(worker_count=2), housekeeping=False) as engine:
+            first = engine.scheduler
+            with psycopg.connect(database_url) as conn:
+                ids = enqueue_many(conn, [NewOperation("damops_test_triggers:sleep_then_record",
+                                                       {"seconds": 1.0, "log": str(log_file)}) for _ in range(2)])
+            await wait_until(lambda: first.snapshot().active == 2, 10, "both workers active")
+            # A dies: its tasks and channels vanish, nothing is written back.
+            for task in first._tasks + [h.task for h in first.workers.values()]:
+                task.cancel()
+            first._stopping = True
+            first.workers.clear()
+            second = Scheduler(settings(worker_count=2), database_url, secret=SECRET)
+            await second.start()
+            for pair in engine.supervisor.pairs.values():
+                second.add_worker(pair.name, "127.0.0.1", pair.port)
+            await wait_until(lambda: second.snapshot().active == 2 or second.stats.succeeded == 2, 10,
+                             "B to adopt the busy workers")
+            final = await wait_final(database_url, ids, timeout=20)
+            stats = second.stats
+            await second.stop()
+            return ids, final, stats
+
+    ids, final, stats = asyncio.run(scenario())
+    assert set(final.values()) == {"SUCCESS"}
+    assert stats.succeeded == 2 and stats.claimed == 0  # B claimed nothing: it adopted
+    assert [row(database_url, i)["attempts"] for i in ids] == [1, 1]
+    executions = collections.Counter(int(line.split()[0]) for line in log_file.read_text().splitlines())
+    assert executions == {ids[0]: 1, ids[1]: 1}

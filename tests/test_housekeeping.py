@@ -228,3 +228,20 @@ def test_only_one_instance_runs_housekeeping_at_a_time(database_url, conn):
         assert cleanup_failed_operations(conn, 24, 20000) is None
         assert row_of(conn, op_id)["status"] == "PROCESSING"
     assert recover_expired_operations(conn, 60) == {op_id: "NEW"}
+
+
+def test_progress_keeps_a_long_operation_and_its_worker_from_expiring(database_url):
+    async def scenario():
+        config = settings(worker_count=1, max_worker_active_time=1.0, max_operation_processing_time=1.0)
+        async with running_engine(database_url, config) as engine:
+            pids = engine.worker_pids()
+            with psycopg.connect(database_url) as conn:
+                op_id = enqueue(conn, "damops_test_triggers:busy_with_progress", {"seconds": 3}, max_attempts=1)
+            await wait_final(database_url, [op_id], timeout=30)
+            assert engine.scheduler.stats.expired_workers == 0
+            assert engine.worker_pids() == pids
+            return op_id
+
+    done = row(database_url, asyncio.run(scenario()))
+    assert done["status"] == "SUCCESS" and done["attempts"] == 1
+    assert done["result"]["steps"] >= 10

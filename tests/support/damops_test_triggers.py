@@ -34,3 +34,14 @@ def signal_then_hang(inputs: dict[str, Any], context: Any) -> None:
 
 def big_result(inputs: dict[str, Any], context: Any) -> str:
     return "x" * int(inputs["bytes"])
+
+
+def busy_with_progress(inputs: dict[str, Any], context: Any) -> dict[str, int]:
+    """Works for inputs['seconds'], reporting progress every 0.2 s."""
+    deadline = time.monotonic() + float(inputs["seconds"])
+    steps = 0
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        steps += 1
+        context.progress(f"step {steps}")
+    return {"steps": steps}
