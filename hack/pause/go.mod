@@ -1,0 +1,3 @@
+module damops.dev/hack/pause
+
+go 1.22
