@@ -13,9 +13,7 @@ ctx = ssl.create_default_context(cafile=f"{SA}/ca.crt")
 req = urllib.request.Request(f"https://{host}:{port}/version", headers={"Authorization": f"Bearer {token}"})
 with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
     v = json.load(r)
-ns = open(f"{SA}/namespace").read().strip()
-req = urllib.request.Request(f"https://kubernetes.default.svc:{port}/api/v1/namespaces/{ns}/serviceaccounts"
-                             if False else f"https://{host}:{port}/apis/authentication.k8s.io/v1/selfsubjectreviews",
+req = urllib.request.Request(f"https://{host}:{port}/apis/authentication.k8s.io/v1/selfsubjectreviews",
                              data=b'{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}',
                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
 with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
