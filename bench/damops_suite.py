@@ -75,23 +75,39 @@ _UVLOOP_MAIN = ("import sys, uvloop; uvloop.install(); from damops.cli import ma
                 "main(sys.argv[1:])")
 
 
-class UvloopSupervisor(LocalSupervisor):
+class ExperimentSupervisor(LocalSupervisor):
+    """LocalSupervisor whose children run on uvloop and/or with extra environment variables."""
+
+    uvloop = False
+    extra_env: dict[str, str] = {}
+
     def _command(self, *args: str) -> list[str]:
-        return [sys.executable, "-c", _UVLOOP_MAIN, *args]
+        if self.uvloop:
+            return [sys.executable, "-c", _UVLOOP_MAIN, *args]
+        return super()._command(*args)
+
+    def _env(self) -> dict[str, str]:
+        return {**super()._env(), **self.extra_env}
+
+
+def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSupervisor]:
+    if not uvloop and not child_env:
+        return LocalSupervisor
+    return type("Supervisor", (ExperimentSupervisor,), {"uvloop": uvloop, "extra_env": dict(child_env)})
 
 
 class DamopsPool:
     """One pool of pre-heated workers with its scheduler, as ``damops run`` starts them."""
 
-    def __init__(self, url: str, workers: int, pool: str, uvloop: bool = False) -> None:
+    def __init__(self, url: str, workers: int, pool: str, uvloop: bool = False,
+                 child_env: dict[str, str] | None = None) -> None:
         self.url = url
         self.workers = workers
         self.pool = pool
         self.secret = secrets.token_hex(16)
         self.settings = Settings(database_url=url, worker_count=workers, pool=pool, secret=self.secret)
         self.scheduler = Scheduler(self.settings, url, secret=self.secret)
-        supervisor = UvloopSupervisor if uvloop else LocalSupervisor
-        self.supervisor = supervisor(self.scheduler, workers, self.secret)
+        self.supervisor = supervisor_class(uvloop, child_env or {})(self.scheduler, workers, self.secret)
         self.housekeeper = Housekeeper(self.settings, url)
         self._housekeeping: asyncio.Task[None] | None = None
         self.preheat_seconds = 0.0
@@ -179,7 +195,8 @@ async def run_latency(pool: DamopsPool, producer: psycopg.Connection, poller: ps
 
 async def run_damops(url: str, worker_counts: list[int], ops: dict[int, int], repeats: int,
                      latency_samples: int, latency_pause: float, poll_interval: float,
-                     run_tag: str, uvloop: bool = False) -> list[dict[str, Any]]:
+                     run_tag: str, uvloop: bool = False, child_env: dict[str, str] | None = None
+                     ) -> list[dict[str, Any]]:
     applied = await asyncio.to_thread(migrate, url)
     log.info("migrated: %s", applied)
     results = []
@@ -187,10 +204,15 @@ async def run_damops(url: str, worker_counts: list[int], ops: dict[int, int], re
     poller = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
         for workers in worker_counts:
-            pool = DamopsPool(url, workers, f"bench-{run_tag}-{workers}w", uvloop=uvloop)
+            pool = DamopsPool(url, workers, f"bench-{run_tag}-{workers}w", uvloop=uvloop, child_env=child_env)
             entry: dict[str, Any] = {"system": "damops", "workers": workers, "pool": pool.pool}
+            experiments = []
             if uvloop:
-                entry["experiment"] = "uvloop: scheduler and sidecars on uvloop (not the engine's default)"
+                experiments.append("uvloop: scheduler and sidecars on uvloop")
+            if child_env:
+                experiments.append("children's environment: " + " ".join(f"{k}={v}" for k, v in child_env.items()))
+            if experiments:
+                entry["experiment"] = "; ".join(experiments) + " (not how damops runs by default)"
             try:
                 entry["load_before"] = load()
                 await pool.start()

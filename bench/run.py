@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use this server instead of a fresh embedded one (databases are created in it)")
     p.add_argument("--uvloop", action="store_true",
                    help="experiment: run damops' scheduler and sidecars on uvloop (peers keep the default loop)")
+    p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="experiment: extra environment variable for damops' sidecars and workers (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.worker_counts = [int(w) for w in args.workers.split(",") if w]
@@ -122,7 +124,7 @@ async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[st
     url = await asyncio.to_thread(create_database, admin_url, "bench_damops")
     return await run_damops(url, args.worker_counts, args.ops_by_workers, args.repeats, args.latency_samples,
                             args.latency_pause_ms / 1000, args.poll_ms / 1000, run_tag=str(int(time.time())),
-                            uvloop=args.uvloop)
+                            uvloop=args.uvloop, child_env=dict(kv.split("=", 1) for kv in args.child_env))
 
 
 async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
@@ -248,7 +250,7 @@ def table(report: dict[str, Any]) -> str:
     head = (f"{'system':<50} {'N':>6} {'ops/s':>8} {'min-max':>13} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'c>s p50':>7} {'CPU us/op':>9} {'load1m':>6}")
     lines += [head, "-" * len(head)]
-    rows = [(f"damops {d['workers']} workers" + (" (uvloop experiment)" if d.get("experiment") else ""), d)
+    rows = [(f"damops {d['workers']} workers" + (" (experiment)" if d.get("experiment") else ""), d)
             for d in report["damops"]]
     rows += [(peer_label(p), p) for p in report["peers"]]
     for label, r in rows:
@@ -318,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             "latency_samples": args.latency_samples, "latency_pause_ms": args.latency_pause_ms,
             "poll_ms": args.poll_ms, "peers": args.peer_list, "pgqueuer_ops": args.pgqueuer_ops,
             "pgqueuer_batch_sizes": args.pgqueuer_batch_sizes, "pgqueuer_drivers": args.pgqueuer_drivers, "procrastinate_ops": args.procrastinate_ops,
-            "procrastinate_concurrency": args.procrastinate_concurrency,
+            "procrastinate_concurrency": args.procrastinate_concurrency, "uvloop": args.uvloop,
+            "child_env": args.child_env,
         },
         "machine": machine(),
         "versions": {d: version(d) for d in ("damops", "psycopg", "pgqueuer", "asyncpg", "procrastinate",
