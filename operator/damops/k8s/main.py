@@ -1,0 +1,67 @@
+"""``damops operator``: run the kopf operator with the damops handlers.
+
+    damops operator [--namespace NS ...] [--peering NAME | --standalone]
+                    [--liveness URL] [--log-format plain|json|full] [--verbose]
+
+With no ``--namespace`` it watches all namespaces (cluster-wide peering).
+Environment: DATABASE_URL and the timing variables (see damops.config),
+DAMOPS_WORKER_IMAGE (default worker image), DAMOPS_METRICS_PORT (9090),
+DAMOPS_WATCH_NAMESPACES (comma-separated, same as --namespace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Sequence
+
+LOG_FORMATS = ("plain", "full", "json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="damops operator", description="Run the damops Kubernetes operator.")
+    env_ns = [n for n in os.environ.get("DAMOPS_WATCH_NAMESPACES", "").split(",") if n.strip()]
+    p.add_argument("-n", "--namespace", action="append", default=None,
+                   help="namespace to watch (repeatable; default all namespaces)")
+    p.add_argument("--peering", default=os.environ.get("DAMOPS_PEERING", "damops"),
+                   help="kopf peering object name (guards against a second operator)")
+    p.add_argument("--standalone", action="store_true",
+                   default=os.environ.get("DAMOPS_STANDALONE", "") in ("1", "true", "yes"),
+                   help="no peering (development only)")
+    p.add_argument("--liveness", default=os.environ.get("DAMOPS_LIVENESS", "http://0.0.0.0:8080/healthz"),
+                   help="liveness endpoint URL ('' to disable)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get("DAMOPS_LOG_FORMAT", "plain"))
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(env_namespaces=env_ns)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    import kopf
+
+    from damops.config import load_settings
+
+    load_settings()  # a bad setting stops start-up here, with the variable's name
+    kopf.configure(
+        verbose=args.verbose,
+        log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}[
+            args.log_format
+        ],
+    )
+    logging.getLogger("damops").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    import damops.k8s.handlers  # noqa: F401 - registers the handlers
+
+    namespaces = args.namespace or args.env_namespaces
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces or (),
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        liveness_endpoint=args.liveness or None,
+    )
+
+
+if __name__ == "__main__":
+    main()

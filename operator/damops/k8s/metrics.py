@@ -1,0 +1,56 @@
+"""Prometheus metrics of the operator (served on DAMOPS_METRICS_PORT, default 9090)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+log = logging.getLogger("damops.operator")
+
+_LABELS = ("namespace", "workerpool")
+
+WORKERS = Gauge("damops_workers", "Workers of a WorkerPool by state", _LABELS + ("state",))
+QUEUED = Gauge("damops_queued_operations", "Claimable (NEW or WAIT) operations of the pool", _LABELS + ("pool",))
+CLAIMED = Counter("damops_operations_claimed", "Operations claimed for workers", _LABELS)
+SUCCEEDED = Counter("damops_operations_succeeded", "Operations that reached SUCCESS", _LABELS)
+FAILED = Counter("damops_operations_failed", "Operations that reached FAILED", _LABELS)
+RETRIED = Counter("damops_operations_retried", "Operations given back for another attempt", _LABELS)
+DISPATCH_LATENCY = Counter(
+    "damops_dispatch_latency_seconds_sum",
+    "Sum of enqueue→dispatch latencies; divide by damops_operations_claimed_total for the mean",
+    _LABELS,
+)
+WORKER_RESTARTS = Counter("damops_worker_restarts", "Worker pods replaced by the operator", _LABELS + ("reason",))
+
+_STATS = {
+    "claimed": CLAIMED,
+    "succeeded": SUCCEEDED,
+    "failed": FAILED,
+    "retried": RETRIED,
+    "dispatch_latency_seconds_total": DISPATCH_LATENCY,
+}
+
+_started = False
+
+
+def start_server() -> None:
+    global _started
+    port = int(os.environ.get("DAMOPS_METRICS_PORT", "9090"))
+    if _started or port <= 0:
+        return
+    start_http_server(port)
+    _started = True
+    log.info("metrics on :%d/metrics", port)
+
+
+def observe_stats(namespace: str, name: str, stats: Mapping[str, float], seen: dict[str, float]) -> None:
+    """Turn the scheduler's cumulative stats into counter increments."""
+    for key, counter in _STATS.items():
+        value = float(stats.get(key, 0) or 0)
+        delta = value - seen.get(key, 0.0)
+        if delta > 0:
+            counter.labels(namespace, name).inc(delta)
+        seen[key] = value
