@@ -143,7 +143,9 @@ def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int =
                 Action("delete", p.name, "template changed" if not current else "scale down (free)")
             )
             excess -= 1
-        else:  # active: drain, never kill
+        else:  # active: drain, never kill – but not merely to make room for surge pods
+            if rolling and excess <= len(current_pending):
+                continue
             result.actions.append(Action("drain", p.name, "scale down (active)" if current else "template changed"))
             excess -= 1
     return result

@@ -1,0 +1,85 @@
+"""Pod and Secret manifests (pure builders)."""
+
+from __future__ import annotations
+
+from damops.k8s.models import WorkerPoolSpec
+from damops.k8s.specs import (
+    LABEL_HASH,
+    build_secret_spec,
+    build_worker_pod_spec,
+    selector_labels,
+    selector_string,
+)
+
+
+def test_worker_pod_has_sidecar_and_worker_sharing_the_socket_dir() -> None:
+    pod = build_worker_pod_spec("wp1", "ns1", "uid-1", WorkerPoolSpec(replicas=2, image="img:1"))
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert set(containers) == {"sidecar", "worker"}
+    assert containers["sidecar"]["command"] == ["damops", "sidecar"]
+    args = containers["sidecar"]["args"]
+    assert args[args.index("--listen") + 1] == "0.0.0.0:7700"
+    assert args[args.index("--socket") + 1] == "/run/damops/worker.sock"
+    assert args[args.index("--health-port") + 1] == "7701"
+    assert containers["sidecar"]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert containers["sidecar"]["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert containers["worker"]["command"] == ["damops", "worker"]
+    for c in containers.values():
+        assert {"name": "damops-run", "mountPath": "/run/damops"} in c["volumeMounts"]
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+        secret_env = [e for e in c["env"] if e["name"] == "DAMOPS_SECRET"][0]
+        assert secret_env["valueFrom"]["secretKeyRef"]["name"] == "wp1-damops-channel"
+        assert c["image"] == "img:1"
+    assert any(v["name"] == "damops-run" and "emptyDir" in v for v in pod["spec"]["volumes"])
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_pod_is_owned_and_labelled_for_selection() -> None:
+    pod = build_worker_pod_spec("wp1", "ns1", "uid-1", WorkerPoolSpec())
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert owner == {"apiVersion": "damops.dev/v1alpha1", "kind": "WorkerPool", "name": "wp1", "uid": "uid-1",
+                     "controller": True, "blockOwnerDeletion": True}
+    for k, v in selector_labels("wp1").items():
+        assert pod["metadata"]["labels"][k] == v
+    assert selector_string("wp1") == "app.kubernetes.io/component=worker,damops.dev/workerpool=wp1"
+    assert pod["metadata"]["generateName"] == "wp1-"
+
+
+def test_template_hash_changes_with_the_template_only() -> None:
+    h = lambda s: build_worker_pod_spec("wp", "ns", "u", s)["metadata"]["labels"][LABEL_HASH]  # noqa: E731
+    base = h(WorkerPoolSpec(replicas=1))
+    assert base == h(WorkerPoolSpec(replicas=7)), "scaling must not replace pods"
+    assert base != h(WorkerPoolSpec(replicas=1, image="other:2"))
+    assert base != h(WorkerPoolSpec(replicas=1, env=[{"name": "X", "value": "1"}]))
+
+
+def test_user_settings_reach_the_pod() -> None:
+    spec = WorkerPoolSpec.model_validate({
+        "pool": "renditions",
+        "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
+        "env": [{"name": "A", "value": "b"}],
+        "envFrom": [{"configMapRef": {"name": "cm"}}],
+        "nodeSelector": {"disk": "ssd"},
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+        "triggerFunctions": {"preload": ["render_rendition"]},
+        "imagePullPolicy": "Never",
+    })
+    pod = build_worker_pod_spec("wp", "ns", "u", spec)
+    worker = [c for c in pod["spec"]["containers"] if c["name"] == "worker"][0]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["DAMOPS_POOL"] == "renditions" and env["A"] == "b" and env["DAMOPS_PRELOAD"] == "render_rendition"
+    assert worker["resources"] == {"limits": {"cpu": "500m", "memory": "256Mi"}}
+    assert worker["envFrom"] == [{"configMapRef": {"name": "cm"}}]
+    assert worker["imagePullPolicy"] == "Never"
+    assert pod["spec"]["nodeSelector"] == {"disk": "ssd"}
+    assert pod["spec"]["tolerations"] == [{"key": "k", "operator": "Exists"}]
+
+
+def test_channel_secret() -> None:
+    s1 = build_secret_spec("wp", "ns", "u")
+    s2 = build_secret_spec("wp", "ns", "u")
+    assert s1["metadata"]["name"] == "wp-damops-channel"
+    assert len(s1["stringData"]["secret"]) >= 32 and s1["stringData"]["secret"] != s2["stringData"]["secret"]
+    assert s1["metadata"]["ownerReferences"][0]["uid"] == "u"
+    assert build_secret_spec("wp", "ns", "u", "fixed")["stringData"]["secret"] == "fixed"
