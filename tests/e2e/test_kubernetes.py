@@ -1,0 +1,355 @@
+"""End-to-end: the damops operator on a real Kubernetes cluster.
+
+Runs against whatever cluster ``KUBECONFIG`` points at (the local single-node
+cluster of ``hack/local-cluster`` in CI, kind on a laptop) and a real
+PostgreSQL:
+
+* ``DAMOPS_E2E_DATABASE_URL``      – the database as the test process reaches it
+* ``DAMOPS_E2E_POD_DATABASE_URL``  – the same database as pods reach it
+* ``DAMOPS_E2E_IMAGE_WORKER`` / ``DAMOPS_E2E_IMAGE_OPERATOR`` (default ``localhost/damops-{worker,operator}:dev``)
+* ``DAMOPS_E2E_PULL_POLICY`` (default ``IfNotPresent``)
+
+Without them (or without kubectl/helm, or with an unreachable cluster) the
+module is skipped and the reason printed. No mocks: the chart is installed
+with helm, pods run the real images, operations go through PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "damops"
+
+
+def _skip(reason: str) -> None:
+    print(f"\n[e2e skipped] {reason}", file=sys.stderr)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def _preflight() -> None:
+    for tool in ("kubectl", "helm"):
+        if shutil.which(tool) is None:
+            _skip(f"{tool} is not on PATH (run `eval \"$(hack/local-cluster env)\"` or install kind + {tool})")
+    kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    if not any(Path(p).exists() for p in kubeconfig.split(os.pathsep)):
+        _skip(f"no kubeconfig at {kubeconfig}: no cluster to test against (hack/local-cluster up, or make kind-up)")
+    for var in ("DAMOPS_E2E_DATABASE_URL", "DAMOPS_E2E_POD_DATABASE_URL"):
+        if not os.environ.get(var):
+            _skip(f"{var} is not set (eval \"$(hack/local-cluster env)\" sets it)")
+    try:
+        probe = subprocess.run(["kubectl", "get", "--raw", "/readyz"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        _skip("the cluster in KUBECONFIG did not answer within 15 s")
+    if probe.returncode != 0:
+        _skip(f"the cluster in KUBECONFIG is not reachable: {probe.stderr.strip()[:300]}")
+
+
+_preflight()
+
+import psycopg  # noqa: E402
+
+from damops.db import migrate  # noqa: E402
+from damops.operations import NewOperation, enqueue_many  # noqa: E402
+
+DB_URL = os.environ["DAMOPS_E2E_DATABASE_URL"]
+POD_DB_URL = os.environ["DAMOPS_E2E_POD_DATABASE_URL"]
+WORKER_IMAGE = os.environ.get("DAMOPS_E2E_IMAGE_WORKER", "localhost/damops-worker:dev")
+OPERATOR_IMAGE = os.environ.get("DAMOPS_E2E_IMAGE_OPERATOR", "localhost/damops-operator:dev")
+PULL_POLICY = os.environ.get("DAMOPS_E2E_PULL_POLICY", "IfNotPresent")
+RUN = uuid.uuid4().hex[:6]
+NS = f"damops-e2e-{RUN}"
+RELEASE = f"damops-e2e-{RUN}"
+WORKER_SELECTOR = "app.kubernetes.io/component=worker"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def kubectl(*args: str, check: bool = True, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["kubectl", "-n", NS, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def kjson(*args: str) -> Any:
+    return json.loads(kubectl(*args, "-o", "json").stdout)
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 180, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    dump = kubectl("get", "workerpools,pods", "-o", "wide", check=False).stdout
+    events = kubectl("get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n{dump}\n{events}")
+
+
+def pods(pool: str) -> list[dict[str, Any]]:
+    return kjson("get", "pods", "-l", f"damops.dev/workerpool={pool},{WORKER_SELECTOR}")["items"]
+
+
+def live_pods(pool: str) -> list[dict[str, Any]]:
+    return [p for p in pods(pool) if not p["metadata"].get("deletionTimestamp")]
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+    return conds.get("Ready") == "True"
+
+
+def workerpool(name: str) -> dict[str, Any]:
+    return kjson("get", "workerpool", name)
+
+
+def condition(wp: dict[str, Any], ctype: str) -> str | None:
+    for c in (wp.get("status") or {}).get("conditions", []):
+        if c["type"] == ctype:
+            return c["status"]
+    return None
+
+
+def apply_pool(name: str, replicas: int, **spec: Any) -> None:
+    body = {
+        "apiVersion": "damops.dev/v1alpha1",
+        "kind": "WorkerPool",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"replicas": replicas, "pool": name, "image": WORKER_IMAGE, "imagePullPolicy": PULL_POLICY, **spec},
+    }
+    kubectl("apply", "-f", "-", stdin=json.dumps(body))
+
+
+def wait_ready(name: str, replicas: int, timeout: float = 240) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        wp = workerpool(name)
+        st = wp.get("status") or {}
+        running = [p for p in live_pods(name) if pod_ready(p)]
+        if condition(wp, "Ready") == "True" and st.get("readyReplicas") == replicas and len(running) == replicas \
+                and len(live_pods(name)) == replicas:
+            return wp
+        return None
+
+    return wait_for(f"WorkerPool {name} Ready with {replicas} pods", ready, timeout=timeout)
+
+
+def enqueue(pool: str, trigger: str, count: int, inputs: dict | None = None, max_attempts: int = 3) -> list[int]:
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        return enqueue_many(conn, [NewOperation(trigger, inputs or {}, pool=pool, max_attempts=max_attempts)
+                                   for _ in range(count)])
+
+
+def rows(ids: list[int]) -> list[dict[str, Any]]:
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        cur = conn.execute(
+            "SELECT id, status, attempts, worker, error FROM damops.operations WHERE id = ANY(%s) ORDER BY id", (ids,)
+        )
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def statuses(ids: list[int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows(ids):
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def wait_all_final(ids: list[int], timeout: float = 300) -> list[dict[str, Any]]:
+    def done() -> list[dict[str, Any]] | None:
+        rs = rows(ids)
+        return rs if all(r["status"] in ("SUCCESS", "FAILED") for r in rs) else None
+
+    try:
+        return wait_for(f"{len(ids)} operations final", done, timeout=timeout, interval=2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nstatuses: {statuses(ids)}") from None
+
+
+def delete_pool(name: str) -> None:
+    kubectl("delete", "workerpool", name, "--ignore-not-found", "--wait=false", check=False)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def operator_release() -> Any:
+    migrate(DB_URL)
+    subprocess.run(["kubectl", "create", "namespace", NS], check=True, capture_output=True, timeout=30)
+    repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
+    wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
+    cmd = [
+        "helm", "upgrade", "--install", RELEASE, str(CHART), "-n", NS, "--wait", "--timeout", "240s",
+        "--set", f"database.url={POD_DB_URL}",
+        "--set", f"image.operator.repository={repo}", "--set", f"image.operator.tag={tag}",
+        "--set", f"image.operator.pullPolicy={PULL_POLICY}",
+        "--set", f"image.worker.repository={wrepo}", "--set", f"image.worker.tag={wtag}",
+        "--set", f"operator.watchNamespaces={{{NS}}}",
+        "--set", f"operator.peering.name=damops-e2e-{RUN}",
+        "--set", "operator.logFormat=plain",
+        "--set-string", "configuration.digitalAssetManagement.schedulerHeartbeat=500ms",
+        "--set-string", "configuration.digitalAssetManagement.maxOperationProcessingTime=60s",
+        "--set-string", "configuration.digitalAssetManagement.housekeepingInterval=2s",
+        "--set-string", "configuration.digitalAssetManagement.shutdownGrace=5s",
+        "--set", "operator.resources.requests.cpu=50m",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        logs = kubectl("logs", "-l", "app.kubernetes.io/component=operator", "--tail=80", check=False).stdout
+        pods_out = kubectl("get", "pods", "-o", "wide", check=False).stdout
+        pytest.fail(f"helm install failed: {proc.stderr}\n{pods_out}\n{logs}")
+    yield RELEASE
+    if os.environ.get("DAMOPS_E2E_KEEP"):
+        return
+    kubectl("delete", "workerpools", "--all", "--wait=true", "--timeout=120s", check=False, timeout=150)
+    subprocess.run(["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s"],
+                   capture_output=True, timeout=150)
+    subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_invalid_workerpool_is_rejected_by_the_api_server() -> None:
+    bad = {
+        "apiVersion": "damops.dev/v1alpha1",
+        "kind": "WorkerPool",
+        "metadata": {"name": "invalid", "namespace": NS},
+        "spec": {"replicas": -2, "imagePullPolicy": "Sometimes", "timings": {"schedulerHeartbeat": "soon"}},
+    }
+    proc = kubectl("apply", "-f", "-", stdin=json.dumps(bad), check=False)
+    assert proc.returncode != 0, "the API server accepted an invalid WorkerPool"
+    message = proc.stderr
+    assert "spec.replicas" in message and "greater than or equal to 0" in message, message
+    assert "Sometimes" in message and "IfNotPresent" in message, message
+    assert "schedulerHeartbeat" in message, message
+    assert kubectl("get", "workerpool", "invalid", check=False).returncode != 0
+
+
+def test_pool_becomes_ready_with_n_pods_and_processes_500_operations() -> None:
+    name = f"ready-{RUN}"
+    apply_pool(name, 3)
+    wp = wait_ready(name, 3)
+    st = wp["status"]
+    assert st["replicas"] == 3 and st["freeWorkers"] + st["activeWorkers"] == 3
+    assert st["selector"] == f"app.kubernetes.io/component=worker,damops.dev/workerpool={name}"
+    for pod in live_pods(name):
+        owner = pod["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "WorkerPool" and owner["name"] == name and owner["uid"] == wp["metadata"]["uid"]
+        assert {c["name"] for c in pod["spec"]["containers"]} == {"sidecar", "worker"}
+    table = kubectl("get", "workerpools", name).stdout
+    for column in ("DESIRED", "READY", "FREE", "ACTIVE", "QUEUED", "AGE"):
+        assert column in table, table
+
+    uids_before = {p["metadata"]["uid"] for p in live_pods(name)}
+    ids = enqueue(name, "noop", 500)
+    final = wait_all_final(ids, timeout=300)
+    assert all(r["status"] == "SUCCESS" for r in final), statuses(ids)
+    # pre-heated: the same pods served every operation
+    assert {r["worker"] for r in final} <= {p["metadata"]["name"] for p in live_pods(name)}
+    assert {p["metadata"]["uid"] for p in live_pods(name)} == uids_before
+    wait_for("queuedOperations back to 0", lambda: workerpool(name)["status"].get("queuedOperations") == 0, 30)
+    delete_pool(name)
+
+
+def test_scale_up_and_down_loses_no_active_operation() -> None:
+    name = f"scale-{RUN}"
+    apply_pool(name, 2)
+    wait_ready(name, 2)
+    ids = enqueue(name, "sleep", 40, {"seconds": 3})
+    kubectl("scale", f"workerpool/{name}", "--replicas=5")
+    wait_ready(name, 5)
+    wait_for("5 active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 4, 60)
+    kubectl("scale", f"workerpool/{name}", "--replicas=1")
+    # active workers are drained, not killed: every operation succeeds on its first attempt
+    final = wait_all_final(ids, timeout=300)
+    assert all(r["status"] == "SUCCESS" for r in final), statuses(ids)
+    assert max(r["attempts"] for r in final) == 1, [r for r in final if r["attempts"] > 1]
+    wait_ready(name, 1, timeout=120)
+    delete_pool(name)
+
+
+def test_expired_worker_pod_is_replaced_and_its_operation_recovered() -> None:
+    name = f"expire-{RUN}"
+    apply_pool(name, 2, timings={"maxWorkerActiveTime": "6s"})
+    wait_ready(name, 2)
+    [op] = enqueue(name, "damops.examples:hang", 1, max_attempts=2)
+
+    def holder() -> str | None:
+        [r] = rows([op])
+        return r["worker"] if r["status"] == "PROCESSING" else None
+
+    first = wait_for("the hanging operation to start", holder, 60)
+    first_uid = [p["metadata"]["uid"] for p in live_pods(name) if p["metadata"]["name"] == first][0]
+    # expired: the pod is deleted and replaced (new pod, new UID); the operation is recovered (retried)
+    wait_for("the expired worker's pod to go", lambda: first not in {p["metadata"]["name"] for p in pods(name)}, 120)
+    [final] = wait_all_final([op], timeout=180)
+    assert final["attempts"] == 2, final
+    assert final["status"] == "FAILED" and "expired" in (final["error"] or ""), final
+    wp = wait_ready(name, 2)
+    assert first_uid not in {p["metadata"]["uid"] for p in live_pods(name)}
+    events = kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+    assert "WorkerExpired" in events
+    assert wp["status"]["readyReplicas"] == 2
+    delete_pool(name)
+
+
+def test_worker_pod_deleted_mid_operation_is_recovered() -> None:
+    name = f"kill-{RUN}"
+    apply_pool(name, 1)
+    wait_ready(name, 1)
+    [op] = enqueue(name, "sleep", 1, {"seconds": 15})
+
+    def holder() -> str | None:
+        [r] = rows([op])
+        return r["worker"] if r["status"] == "PROCESSING" else None
+
+    victim = wait_for("the operation to start", holder, 60)
+    victim_uid = [p["metadata"]["uid"] for p in live_pods(name) if p["metadata"]["name"] == victim][0]
+    kubectl("delete", "pod", victim, "--grace-period=0", "--force", check=False)
+    [final] = wait_all_final([op], timeout=240)
+    assert final["status"] == "SUCCESS" and final["attempts"] == 2, final
+    assert final["worker"] != victim
+    wait_ready(name, 1)
+    assert victim_uid not in {p["metadata"]["uid"] for p in live_pods(name)}
+    delete_pool(name)
+
+
+def test_operator_restart_mid_run_loses_no_operation() -> None:
+    name = f"restart-{RUN}"
+    apply_pool(name, 3)
+    wait_ready(name, 3)
+    ids = enqueue(name, "sleep", 60, {"seconds": 1})
+    wait_for("work in progress", lambda: statuses(ids).get("SUCCESS", 0) >= 5, 120)
+    kubectl("delete", "pod", "-l", "app.kubernetes.io/component=operator", "--wait=false")
+    final = wait_all_final(ids, timeout=300)
+    assert all(r["status"] == "SUCCESS" for r in final), statuses(ids)
+    kubectl("rollout", "status", f"deployment/{RELEASE}-operator", "--timeout=120s", timeout=150)
+    delete_pool(name)
+
+
+def test_deleting_the_pool_deletes_its_pods() -> None:
+    name = f"delete-{RUN}"
+    apply_pool(name, 2)
+    wait_ready(name, 2)
+    assert len(live_pods(name)) == 2
+    kubectl("delete", "workerpool", name, "--timeout=120s", timeout=150)
+    wait_for("the pool's pods to be gone", lambda: pods(name) == [], 120)
+    assert kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0 or wait_for(
+        "the channel secret to be collected",
+        lambda: kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0, 60)
