@@ -140,6 +140,13 @@ class DamopsPool:
         await self.supervisor.stop()
 
 
+async def _xid(conn: psycopg.AsyncConnection) -> int:
+    """The next transaction id (consumes one): the difference counts write transactions."""
+    cur = await conn.execute("SELECT pg_current_xact_id()::text::bigint")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def _unfinished(conn: psycopg.AsyncConnection, pool: str) -> int:
     cur = await conn.execute(UNFINISHED_SQL, {"pool": pool})
     row = await cur.fetchone()
@@ -149,6 +156,7 @@ async def _unfinished(conn: psycopg.AsyncConnection, pool: str) -> int:
 async def run_batch(pool: DamopsPool, producer: psycopg.Connection, poller: psycopg.AsyncConnection,
                     n: int, poll_interval: float, timeout: float = 600.0) -> tuple[Timed, dict[str, int]]:
     ops = [NewOperation("noop", {}, pool=pool.pool)] * n
+    xid_before = await _xid(poller)
     cpu_before = pool.cpu.snapshot()
     ids, started, inserted = await asyncio.to_thread(_enqueue_batch, producer, ops)
 
@@ -158,9 +166,13 @@ async def run_batch(pool: DamopsPool, producer: psycopg.Connection, poller: psyc
     await wait_until(drained, poll_interval, timeout, f"{n} damops operations")
     finished = time.perf_counter()
     cpu = CpuMeter.delta(cpu_before, pool.cpu.snapshot())
+    # Write transactions (each commit is a WAL flush with synchronous_commit on), less
+    # the producer's one and our two xid probes.
+    transactions = await _xid(poller) - xid_before - 3
     cur = await poller.execute(OUTCOME_SQL, {"pool": pool.pool, "lo": min(ids), "hi": max(ids)})
     outcome = {status: int(count) for status, count in await cur.fetchall()}
-    pool.last_cpu = {"cpu_per_op": per_op(cpu, n)}
+    pool.last_cpu = {"cpu_per_op": per_op(cpu, n), "write_transactions": transactions,
+                     "write_transactions_per_op": round(transactions / n, 3)}
     return Timed(n, finished - started, inserted - started), outcome
 
 
@@ -230,7 +242,7 @@ async def run_damops(url: str, worker_counts: list[int], ops: dict[int, int], re
                     runs.append(run)
                     print(f"  damops {workers:>2} workers: {timed.ops} ops in {timed.seconds:.3f}s = "
                           f"{run['ops_per_s']:.0f} ops/s (insert {timed.insert_seconds * 1000:.0f} ms) {outcome}; "
-                          f"CPU us/op: {brief(run['cpu_per_op'])}",
+                          f"write transactions/op {run['write_transactions_per_op']}; CPU us/op: {brief(run['cpu_per_op'])}",
                           flush=True)
                 entry["throughput"] = throughput_summary(runs)
                 entry["latency"] = await run_latency(pool, producer, poller, latency_samples, latency_pause,
