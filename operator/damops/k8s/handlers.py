@@ -400,7 +400,7 @@ async def reconcile_once(
     # expired workers: delete the pod, a new one (new UID) replaces it
     for worker in sorted(runtime.expired):
         runtime.expired.discard(worker)
-        kopf.warn(body, reason="WorkerExpired",
+        kopf.event(body, type="Warning", reason="WorkerExpired",
                   message=f"worker {worker} was active longer than MAX_WORKER_ACTIVE_TIME: pod deleted and replaced, "
                           f"its operation recovered")
         metrics.WORKER_RESTARTS.labels(namespace, name, "expired").inc()
@@ -443,7 +443,7 @@ async def reconcile_once(
                 deleted += 1
                 if action.reason.startswith("pod "):
                     metrics.WORKER_RESTARTS.labels(namespace, name, "pod-finished").inc()
-                    kopf.warn(body, reason="WorkerRestarted", message=f"worker pod {action.name}: {action.reason}")
+                    kopf.event(body, type="Warning", reason="WorkerRestarted", message=f"worker pod {action.name}: {action.reason}")
             elif action.kind == "drain":
                 await st.kube.annotate_pod(namespace, action.name, {ANNOTATION_DRAINING: "true"})
                 if scheduler is not None:
@@ -452,12 +452,12 @@ async def reconcile_once(
         except st.kube.ApiException as exc:
             errors.append(f"{action.kind} {action.name or 'pod'}: {exc.status} {exc.reason}")
     if created:
-        kopf.info(body, reason="ScalingUp", message=f"created {created} worker pod(s) (desired {spec.replicas})")
+        kopf.event(body, type="Normal", reason="ScalingUp", message=f"created {created} worker pod(s) (desired {spec.replicas})")
     if deleted:
-        kopf.info(body, reason="ScalingDown",
+        kopf.event(body, type="Normal", reason="ScalingDown",
                   message=f"deleted {deleted} worker pod(s): {', '.join(sorted({a.reason for a in decision.actions if a.kind == 'delete'}))}")
     if drained:
-        kopf.info(body, reason="Draining",
+        kopf.event(body, type="Normal", reason="Draining",
                   message=f"draining {drained} active worker(s): no new work, removed when their operation ends")
     degraded.extend(errors)
     degraded.extend(_waiting_reasons(raw_pods))
