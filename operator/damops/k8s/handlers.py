@@ -203,7 +203,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
         default_image=os.environ.get("DAMOPS_WORKER_IMAGE", DEFAULT_IMAGE),
     )
     metrics.start_server()
-    logger.info("damops operator started (default worker image %s)", STATE.default_image)
+    log.info("damops operator started (default worker image %s)", STATE.default_image)
 
 
 @kopf.on.cleanup()
@@ -363,7 +363,7 @@ async def _ensure_scheduler(
     if runtime.scheduler is not None and runtime.scheduler_key == key:
         return
     if runtime.scheduler is not None:
-        logger.info("scheduler settings changed: restarting the scheduler of pool %r", pool)
+        log.info("scheduler settings changed: restarting the scheduler of pool %r", pool)
         await runtime.scheduler.stop(grace=0)
         runtime.scheduler = None
     if runtime.db_url != url:
@@ -381,7 +381,7 @@ async def _ensure_scheduler(
     await scheduler.start()
     runtime.scheduler, runtime.scheduler_key = scheduler, key
     runtime.stats_seen = {}
-    logger.info("scheduler of pool %r started", pool)
+    log.info("scheduler of pool %r started", pool)
 
 
 async def reconcile_once(
@@ -529,9 +529,9 @@ async def workerpool_daemon(
             try:
                 await reconcile_once(st, runtime, name, namespace, uid, body, logger)
             except kopf.PermanentError as exc:
-                logger.error("WorkerPool %s/%s: %s", namespace, name, exc)
+                log.error("WorkerPool %s/%s: %s", namespace, name, exc)
             except Exception as exc:  # noqa: BLE001 - keep the pool alive; report and retry
-                logger.exception("reconcile of %s/%s failed: %s", namespace, name, exc)
+                log.exception("reconcile of %s/%s failed: %s", namespace, name, exc)
                 runtime.last_status = None
             try:
                 await asyncio.wait_for(runtime.wake.wait(), RECONCILE_INTERVAL)
@@ -551,4 +551,4 @@ async def workerpool_daemon(
                 metrics.WORKERS.remove(namespace, name, worker_state)
             except KeyError:
                 pass
-        logger.info("pool daemon of %s/%s stopped", namespace, name)
+        log.info("pool daemon of %s/%s stopped", namespace, name)

@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from damops.config import load_settings
 
     load_settings()  # a bad setting stops start-up here, with the variable's name
+    logging.getLogger().handlers.clear()  # one handler, kopf's (plain or JSON), for every logger
     kopf.configure(
         verbose=args.verbose,
         log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}[
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ],
     )
     logging.getLogger("damops").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        # kopf logs every handled pod event at INFO; keep its per-object chatter to warnings
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import damops.k8s.handlers  # noqa: F401 - registers the handlers
 
     namespaces = args.namespace or args.env_namespaces
