@@ -260,9 +260,9 @@ def test_pool_becomes_ready_with_n_pods_and_processes_500_operations() -> None:
     ids = enqueue(name, "noop", 500)
     final = wait_all_final(ids, timeout=300)
     assert all(r["status"] == "SUCCESS" for r in final), statuses(ids)
-    # pre-heated: the same pods served every operation
-    assert {r["worker"] for r in final} <= {p["metadata"]["name"] for p in live_pods(name)}
+    # pre-heated: the same pods (same UIDs) served every operation, none was restarted
     assert {p["metadata"]["uid"] for p in live_pods(name)} == uids_before
+    assert all(p["status"]["containerStatuses"][i]["restartCount"] == 0 for p in live_pods(name) for i in (0, 1))
     wait_for("queuedOperations back to 0", lambda: workerpool(name)["status"].get("queuedOperations") == 0, 30)
     delete_pool(name)
 
