@@ -19,6 +19,7 @@ import time
 
 import psycopg
 
+from damops.loop import run as run_loop
 from damops.config import Settings
 from damops.db import migrate
 from damops.embedded import resolve_database_url
@@ -143,4 +144,4 @@ async def run_async(settings: Settings, *, demo: bool = False, demo_count: int =
 
 
 def run(settings: Settings, **kwargs: object) -> None:
-    asyncio.run(run_async(settings, **kwargs))  # type: ignore[arg-type]
+    run_loop(run_async(settings, **kwargs))  # type: ignore[arg-type]

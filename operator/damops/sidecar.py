@@ -18,6 +18,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from damops.loop import run as run_loop
 from damops import protocol
 from damops.protocol import (
     Heartbeat, NotReady, Operation, Progress, ProtocolError, Ready, Shutdown, StatusUpdate, Welcome,
@@ -214,4 +215,4 @@ def main(name: str, secret: str, socket_path: str, listen: str | None, listen_fd
         host, _, port_text = listen.rpartition(":")
         port = int(port_text)
     sidecar = Sidecar(name, secret, socket_path)
-    asyncio.run(sidecar.serve(host or "0.0.0.0", port, listen_fd, health_port))
+    run_loop(sidecar.serve(host or "0.0.0.0", port, listen_fd, health_port))
