@@ -217,6 +217,10 @@ def operator_release() -> Any:
     if os.environ.get("DAMOPS_E2E_KEEP"):
         return
     kubectl("delete", "workerpools", "--all", "--wait=true", "--timeout=120s", check=False, timeout=150)
+    # stop the operator while its RBAC still exists, so it can leave the peering cleanly
+    kubectl("scale", f"deployment/{RELEASE}-operator", "--replicas=0", check=False)
+    kubectl("wait", "pod", "-l", "app.kubernetes.io/component=operator", "--for=delete", "--timeout=120s",
+            check=False, timeout=150)
     subprocess.run(["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s"],
                    capture_output=True, timeout=150)
     subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
