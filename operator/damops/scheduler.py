@@ -337,7 +337,8 @@ class Scheduler:
                 return
             started = time.monotonic()
             try:
-                async with conn.pipeline():
+                # One transaction: one commit (one WAL flush) per cycle, not one per statement.
+                async with conn.pipeline(), conn.transaction():
                     applied = await self._queue_writes(conn, completions, touches, releases)
                     claim = None
                     if free:
