@@ -98,3 +98,15 @@ def test_priority_lower_runs_first(database_url):
 
     low, high = asyncio.run(scenario())
     assert row(database_url, high)["updated"] < row(database_url, low)["updated"]
+
+
+def test_preloaded_trigger_functions_are_imported_before_ready(tmp_path):
+    """DAMOPS_PRELOAD imports trigger functions at start; unknown names are only logged."""
+    import sys as _sys
+
+    from damops.worker import WorkerRuntime
+
+    runtime = WorkerRuntime(str(tmp_path / "none.sock"), "s")
+    runtime.preload(["render_rendition", "damops_test_triggers:pid", "no_such_function"])
+    assert set(runtime._resolved) == {"render_rendition", "damops_test_triggers:pid"}
+    assert "damops_test_triggers" in _sys.modules

@@ -115,6 +115,12 @@ def cmd_operator(args: argparse.Namespace) -> None:
     operator_main(args.rest)
 
 
+def cmd_crd(args: argparse.Namespace) -> None:
+    from damops.k8s.crdgen import main as crd_main
+
+    raise SystemExit(crd_main(args.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="damops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator = sub.add_parser("operator", help="run the Kubernetes operator")
     operator.add_argument("rest", nargs=argparse.REMAINDER)
     operator.set_defaults(func=cmd_operator)
+
+    crd = sub.add_parser("crd", help="print the WorkerPool CustomResourceDefinition generated from the models")
+    crd.add_argument("rest", nargs=argparse.REMAINDER)
+    crd.set_defaults(func=cmd_crd)
     return parser
 
 

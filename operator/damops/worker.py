@@ -86,7 +86,18 @@ class WorkerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: BlockingChannel | None = None
 
+    def preload(self, names: list[str]) -> None:
+        """Import trigger functions before saying Ready (pre-heating): the first
+        operation then pays no import cost. An unknown name is logged, not fatal:
+        operations naming it fail with the usual message."""
+        for name in names:
+            try:
+                self._resolve(name)
+            except UnknownTriggerFunction as exc:
+                log.warning("DAMOPS_PRELOAD: %s", exc)
+
     def run(self) -> None:
+        self.preload([n.strip() for n in os.environ.get("DAMOPS_PRELOAD", "").split(",") if n.strip()])
         channel = self._channel = BlockingChannel(self._connect(), self.max_frame_bytes)
         challenge = channel.receive()
         if not isinstance(challenge, protocol.Challenge):
