@@ -390,6 +390,30 @@ def test_operator_restart_mid_run_loses_no_operation() -> None:
     delete_pool(name)
 
 
+def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
+    name = f"roll-{RUN}"
+    apply_pool(name, 2)
+    wait_ready(name, 2)
+    old_uids = {p["metadata"]["uid"] for p in live_pods(name)}
+    old_hash = workerpool(name)["status"]["templateHash"]
+    kubectl("patch", "workerpool", name, "--type=merge", "-p", json.dumps({"spec": {"env": [{"name": "E2E", "value": "2"}]}}))
+    min_ready = 2
+
+    def rolled() -> bool:
+        nonlocal min_ready
+        wp = workerpool(name)
+        st = wp.get("status") or {}
+        current = [p for p in live_pods(name) if p["metadata"]["labels"].get("damops.dev/template-hash") == st.get("templateHash")]
+        min_ready = min(min_ready, sum(1 for p in live_pods(name) if pod_ready(p)))
+        return (st.get("templateHash") != old_hash and len(current) == 2 and all(pod_ready(p) for p in current)
+                and len(live_pods(name)) == 2 and st.get("updatedReplicas") == 2)
+
+    wait_for("both workers replaced by the new template", rolled, 180, interval=0.5)
+    assert not old_uids & {p["metadata"]["uid"] for p in live_pods(name)}
+    assert min_ready >= 2, "capacity dropped below replicas during the rolling replacement"
+    delete_pool(name)
+
+
 def test_deleting_the_pool_deletes_its_pods() -> None:
     name = f"delete-{RUN}"
     apply_pool(name, 2)
