@@ -122,3 +122,9 @@ def test_cli_enqueue_status_list_and_migrate(database_url):
     assert missing.returncode != 0 and "no operation with id 999999" in missing.stderr
     bad_status = _cli(database_url, "list", "--status", "DONE", check=False)
     assert bad_status.returncode != 0 and "unknown status" in bad_status.stderr
+
+
+def test_cli_hands_operator_and_crd_options_to_their_own_parsers(database_url):
+    crd = _cli(database_url, "crd").stdout
+    assert "kind: CustomResourceDefinition" in crd and "workerpools.damops.dev" in crd
+    assert "--standalone" in _cli(database_url, "operator", "--help").stdout

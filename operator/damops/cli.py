@@ -178,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # These two hand their options to another parser (kopf's, the generator's).
+    if argv and argv[0] in ("operator", "crd"):
+        setup_logging()
+        if argv[0] == "operator":
+            from damops.k8s.main import main as operator_main
+
+            raise SystemExit(operator_main(argv[1:]))
+        from damops.k8s.crdgen import main as crd_main
+
+        raise SystemExit(crd_main(argv[1:]))
     args = build_parser().parse_args(argv)
     setup_logging("WARNING" if args.command in ("enqueue", "status", "list", "db") else "INFO")
     try:
