@@ -103,14 +103,6 @@ async def claim(conn: psycopg.AsyncConnection, pool: str, workers: Sequence[str]
     return [Claimed(*row) for row in await cur.fetchall()]
 
 
-async def complete(conn: psycopg.AsyncConnection, completions: Sequence[Completion]) -> dict[int, str]:
-    """Write many StatusUpdates in one statement; return {id: new status} for those applied."""
-    if not completions:
-        return {}
-    cur = await conn.execute(COMPLETE_SQL, complete_params(completions))
-    return dict(await cur.fetchall())
-
-
 def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
     updates = [c.update for c in completions]
     return {
@@ -122,19 +114,6 @@ def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
         "errors": [u.error for u in updates],
         "retryables": [u.retryable for u in updates],
     }
-
-
-async def touch(conn: psycopg.AsyncConnection, ids: Sequence[int]) -> None:
-    if ids:
-        await conn.execute(TOUCH_SQL, {"ids": list(ids)})
-
-
-async def release(conn: psycopg.AsyncConnection, held: Sequence[tuple[int, int, str]], reason: str) -> list[int]:
-    """Give unfinished operations back to NEW: held = (id, attempt, worker)."""
-    if not held:
-        return []
-    cur = await conn.execute(RELEASE_SQL, release_params(held, reason))
-    return [row[0] for row in await cur.fetchall()]
 
 
 def release_params(held: Sequence[tuple[int, int, str]], reason: str) -> dict[str, Any]:
