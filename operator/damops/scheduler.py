@@ -110,6 +110,7 @@ class Scheduler:
         self._conn: psycopg.AsyncConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cycle_lock = asyncio.Lock()
+        self._backoff = 0.1  # seconds before the next database retry; doubles up to 5 s
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -309,9 +310,8 @@ class Scheduler:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-        delay = getattr(self, "_backoff", 0.1)
-        await asyncio.sleep(delay)
-        self._backoff = min(delay * 2, 5.0)
+        await asyncio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, 5.0)
         self._wake.set()
 
     async def _connection(self) -> psycopg.AsyncConnection:
