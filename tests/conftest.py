@@ -5,17 +5,16 @@ worker processes."""
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
-SUPPORT = Path(__file__).parent / "support"
-# Worker processes inherit the environment: let them import tests/support/*.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")]))
-sys.path.insert(0, str(SUPPORT))
+ROOT = Path(__file__).resolve().parent.parent
+# Worker processes are separate interpreters: they import the test trigger
+# functions (tests.support.triggers) from the repository root.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ not bounded by the heartbeat.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Awaitable, Callable
 import psycopg
 
 from damops import protocol, store
+from damops.dispatch import WorkerState
 from damops.config import Settings
 from damops.protocol import NotReady, Operation, Progress, Ready, StatusUpdate, Welcome
 from damops.store import Claimed, Completion
@@ -34,12 +34,6 @@ log = logging.getLogger("damops.scheduler")
 
 ExpiredCallback = Callable[[str], Awaitable[None]]
 NOTIFY_CHANNEL = "damops_operations"
-
-
-class WorkerState(str, enum.Enum):
-    PENDING = "pending"
-    FREE = "free"
-    ACTIVE = "active"
 
 
 @dataclass
@@ -179,6 +173,10 @@ class Scheduler:
             self._wake.set()
         if handle.task is not None:
             handle.task.cancel()
+
+    def worker_addresses(self) -> dict[str, tuple[str, int]]:
+        """name -> (host, port) of every worker the scheduler has a channel (or tries one) to."""
+        return {name: (h.host, h.port) for name, h in self.workers.items()}
 
     def snapshot(self) -> Snapshot:
         now = time.monotonic()

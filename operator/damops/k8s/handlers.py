@@ -409,7 +409,7 @@ async def reconcile_once(
     raw_pods = await st.kube.list_pods(namespace, selector_string(name))
     states: dict[str, str] = {}
     if scheduler is not None:
-        known = {n: h.host for n, h in scheduler.workers.items()}
+        known = {n: host for n, (host, _) in scheduler.worker_addresses().items()}
         sync = sync_scheduler([_pod_info(p, {}) for p in raw_pods], known)
         for worker in sync.remove:
             scheduler.remove_worker(worker)

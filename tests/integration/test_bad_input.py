@@ -13,7 +13,7 @@ import pytest
 
 from damops import protocol
 from damops.operations import enqueue
-from engine import SECRET, row, running_engine, settings, wait_final, wait_until
+from tests.support.engine import SECRET, row, running_engine, settings, wait_final, wait_until
 
 
 def test_unknown_trigger_function_fails_with_its_name(database_url):
@@ -68,7 +68,7 @@ def test_result_larger_than_a_frame_fails_the_operation_not_the_channel(database
         async with running_engine(database_url, settings(worker_count=1)) as engine:
             pids = engine.worker_pids()
             with psycopg.connect(database_url) as conn:
-                big = enqueue(conn, "damops_test_triggers:big_result", {"bytes": protocol.DEFAULT_MAX_FRAME_BYTES + 10})
+                big = enqueue(conn, "tests.support.triggers:big_result", {"bytes": protocol.DEFAULT_MAX_FRAME_BYTES + 10})
                 after = enqueue(conn, "noop")
             await wait_final(database_url, [big, after])
             assert engine.worker_pids() == pids  # the same worker carried on
@@ -145,7 +145,7 @@ def test_worker_process_dying_mid_operation_is_replaced_and_its_operation_retrie
             pair = _first_pair(engine)
             flag = tmp_path / "running"
             with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "damops_test_triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=2)
+                op_id = enqueue(conn, "tests.support.triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=2)
             await wait_until(flag.exists, 20, "the operation to start")
             first_worker = pair.worker.pid
             pair.worker.kill()

@@ -12,7 +12,7 @@ import psycopg
 from damops import store
 from damops.housekeeping import cleanup_failed_operations, recover_expired_operations
 from damops.operations import enqueue
-from engine import row, running_engine, settings, wait_final, wait_until
+from tests.support.engine import row, running_engine, settings, wait_final, wait_until
 
 
 def _set(conn, op_id, **columns):
@@ -107,7 +107,7 @@ def test_expired_worker_is_killed_and_replaced_and_its_operation_recovered(datab
             first_pid = engine.worker_pids().pop()
             flag = tmp_path / "running"
             with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "damops_test_triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=1)
+                op_id = enqueue(conn, "tests.support.triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=1)
             await wait_until(flag.exists, 20, "the hanging operation to start")
             assert int(flag.read_text()) == first_pid
             await wait_final(database_url, [op_id], timeout=30)
@@ -116,7 +116,7 @@ def test_expired_worker_is_killed_and_replaced_and_its_operation_recovered(datab
             assert engine.worker_pids() != {first_pid}
             assert engine.scheduler.stats.expired_workers == 1
             with psycopg.connect(database_url) as conn:
-                follow_up = enqueue(conn, "damops_test_triggers:pid")
+                follow_up = enqueue(conn, "tests.support.triggers:pid")
             await wait_final(database_url, [follow_up])
             return op_id, first_pid, follow_up
 
@@ -236,7 +236,7 @@ def test_progress_keeps_a_long_operation_and_its_worker_from_expiring(database_u
         async with running_engine(database_url, config) as engine:
             pids = engine.worker_pids()
             with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "damops_test_triggers:busy_with_progress", {"seconds": 3}, max_attempts=1)
+                op_id = enqueue(conn, "tests.support.triggers:busy_with_progress", {"seconds": 3}, max_attempts=1)
             await wait_final(database_url, [op_id], timeout=30)
             assert engine.scheduler.stats.expired_workers == 0
             assert engine.worker_pids() == pids

@@ -10,7 +10,7 @@ import subprocess
 import psycopg
 
 from damops.operations import NewOperation, enqueue, enqueue_many
-from engine import row, running_engine, settings, statuses, wait_final, wait_until
+from tests.support.engine import row, running_engine, settings, statuses, wait_final, wait_until
 
 
 def test_two_schedulers_on_one_database_process_each_operation_exactly_once(database_url, tmp_path):
@@ -21,7 +21,7 @@ def test_two_schedulers_on_one_database_process_each_operation_exactly_once(data
         config = settings(worker_count=3)
         async with running_engine(database_url, config) as first, running_engine(database_url, config) as second:
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("damops_test_triggers:record", {"log": str(log_file)})
+                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:record", {"log": str(log_file)})
                                           for _ in range(total)])
             await wait_final(database_url, ids, timeout=240)
             return ids, first.scheduler.stats.claimed, second.scheduler.stats.claimed
@@ -45,7 +45,7 @@ def test_graceful_shutdown_finishes_active_work_and_returns_the_rest_to_new(data
         config = settings(worker_count=2, shutdown_grace=10)
         async with running_engine(database_url, config) as engine:
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("damops_test_triggers:sleep_then_record",
+                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:sleep_then_record",
                                                        {"seconds": 0.5, "log": str(log_file)}) for _ in range(8)])
             await wait_until(lambda: engine.scheduler.snapshot().active == 2, 10, "both workers active")
             # leaving the block stops the engine: claiming stops, the 2 active ones finish
@@ -73,7 +73,7 @@ def test_shutdown_past_the_grace_period_returns_unfinished_operations_to_new(dat
         async with running_engine(database_url, config):
             flag = tmp_path / "running"
             with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "damops_test_triggers:signal_then_hang", {"flag": str(flag)})
+                op_id = enqueue(conn, "tests.support.triggers:signal_then_hang", {"flag": str(flag)})
             await wait_until(flag.exists, 20, "the operation to start")
         return op_id
 
@@ -132,7 +132,7 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
         async with running_engine(database_url, settings(worker_count=2), housekeeping=False) as engine:
             first = engine.scheduler
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("damops_test_triggers:sleep_then_record",
+                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:sleep_then_record",
                                                        {"seconds": 1.0, "log": str(log_file)}) for _ in range(2)])
             await wait_until(lambda: first.snapshot().active == 2, 10, "both workers active")
             # A dies: its tasks and channels vanish, nothing is written back.

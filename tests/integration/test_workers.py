@@ -7,7 +7,7 @@ import asyncio
 import psycopg
 
 from damops.operations import NewOperation, enqueue, enqueue_many
-from engine import row, running_engine, settings, wait_final, wait_until
+from tests.support.engine import row, running_engine, settings, wait_final, wait_until
 
 
 def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
@@ -17,7 +17,7 @@ def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
             assert engine.scheduler.snapshot().free == 2
             pids_before = engine.worker_pids()
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("damops_test_triggers:pid") for _ in range(40)])
+                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:pid") for _ in range(40)])
             await wait_final(database_url, ids)
             assert engine.worker_pids() == pids_before
             return pids_before, ids
@@ -107,6 +107,6 @@ def test_preloaded_trigger_functions_are_imported_before_ready(tmp_path):
     from damops.worker import WorkerRuntime
 
     runtime = WorkerRuntime(str(tmp_path / "none.sock"), "s")
-    runtime.preload(["render_rendition", "damops_test_triggers:pid", "no_such_function"])
-    assert set(runtime._resolved) == {"render_rendition", "damops_test_triggers:pid"}
-    assert "damops_test_triggers" in _sys.modules
+    runtime.preload(["render_rendition", "tests.support.triggers:pid", "no_such_function"])
+    assert set(runtime._resolved) == {"render_rendition", "tests.support.triggers:pid"}
+    assert "tests.support.triggers" in _sys.modules
