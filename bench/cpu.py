@@ -89,9 +89,15 @@ class CpuMeter:
     @staticmethod
     def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, float]]:
         """{component: {"user": s, "system": s, "cpu": s, "switches": n}} plus a "total"."""
+
         def diff(a: tuple[float, float, int, float], b: tuple[float, float, int, float]) -> dict[str, float]:
-            return {"user": b[0] - a[0], "system": b[1] - a[1], "cpu": (b[0] - a[0]) + (b[1] - a[1]),
-                    "switches": b[2] - a[2], "sched": b[3] - a[3]}
+            return {
+                "user": b[0] - a[0],
+                "system": b[1] - a[1],
+                "cpu": (b[0] - a[0]) + (b[1] - a[1]),
+                "switches": b[2] - a[2],
+                "sched": b[3] - a[3],
+            }
 
         out = {k: diff(before[k], after[k]) for k in ("scheduler_process", "sidecars", "workers")}
         pg = {"user": 0.0, "system": 0.0, "cpu": 0.0, "switches": 0.0, "sched": 0.0}
@@ -118,5 +124,7 @@ def per_op(delta: dict[str, dict[str, float]], n: int) -> dict[str, dict[str, fl
 
 
 def brief(per_op_figures: dict[str, dict[str, float]]) -> str:
-    return ", ".join(f"{k} {v['cpu_us']:.0f}/{v['sched_us']:.0f} ({v['system_us']:.0f} sys, {v['switches']:.1f} cs)"
-                     for k, v in per_op_figures.items())
+    return ", ".join(
+        f"{k} {v['cpu_us']:.0f}/{v['sched_us']:.0f} ({v['system_us']:.0f} sys, {v['switches']:.1f} cs)"
+        for k, v in per_op_figures.items()
+    )

@@ -25,6 +25,8 @@ import time
 from typing import Any
 
 import psycopg
+from cpu import CpuMeter, brief, per_op, postmaster_pid
+from util import Timed, latency_block, load, throughput_summary, wait_until
 
 from damops.config import Settings
 from damops.db import migrate
@@ -32,9 +34,6 @@ from damops.housekeeping import Housekeeper
 from damops.local import LocalSupervisor
 from damops.operations import NewOperation, enqueue_many
 from damops.scheduler import Scheduler
-
-from cpu import CpuMeter, brief, per_op, postmaster_pid
-from util import Timed, latency_block, load, throughput_summary, wait_until
 
 log = logging.getLogger("bench.damops")
 
@@ -56,8 +55,7 @@ def _enqueue_batch(conn: psycopg.Connection, ops: list[NewOperation]) -> tuple[l
     return ids, started, time.perf_counter()
 
 
-def _produce_singles(conn: psycopg.Connection, pool: str, samples: int, pause: float
-                     ) -> list[tuple[int, float, float]]:
+def _produce_singles(conn: psycopg.Connection, pool: str, samples: int, pause: float) -> list[tuple[int, float, float]]:
     """One operation per transaction; (id, wall-clock time just before its INSERT, after its COMMIT)."""
     sent = []
     for i in range(samples):
@@ -71,8 +69,7 @@ def _produce_singles(conn: psycopg.Connection, pool: str, samples: int, pause: f
 
 # An experiment, not how damops runs: children started with uvloop as their
 # event loop (see --uvloop in run.py), to size a proposed engine change.
-_UVLOOP_MAIN = ("import sys, uvloop; uvloop.install(); from damops.cli import main; "
-                "main(sys.argv[1:])")
+_UVLOOP_MAIN = "import sys, uvloop; uvloop.install(); from damops.cli import main; main(sys.argv[1:])"
 
 
 class ExperimentSupervisor(LocalSupervisor):
@@ -99,8 +96,9 @@ def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSuper
 class DamopsPool:
     """One pool of pre-heated workers with its scheduler, as ``damops run`` starts them."""
 
-    def __init__(self, url: str, workers: int, pool: str, uvloop: bool = False,
-                 child_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, url: str, workers: int, pool: str, uvloop: bool = False, child_env: dict[str, str] | None = None
+    ) -> None:
         self.url = url
         self.workers = workers
         self.pool = pool
@@ -128,9 +126,11 @@ class DamopsPool:
         with psycopg.connect(self.url) as conn:
             data_directory = str(conn.execute("SHOW data_directory").fetchone()[0])  # type: ignore[index]
         pairs = list(self.supervisor.pairs.values())
-        self.cpu = CpuMeter(postmaster_pid(data_directory),
-                            [p.sidecar.pid for p in pairs if p.sidecar is not None],
-                            [p.worker.pid for p in pairs if p.worker is not None])
+        self.cpu = CpuMeter(
+            postmaster_pid(data_directory),
+            [p.sidecar.pid for p in pairs if p.sidecar is not None],
+            [p.worker.pid for p in pairs if p.worker is not None],
+        )
 
     async def stop(self) -> None:
         await self.scheduler.stop(grace=5)
@@ -153,8 +153,14 @@ async def _unfinished(conn: psycopg.AsyncConnection, pool: str) -> int:
     return int(row[0]) if row else 0
 
 
-async def run_batch(pool: DamopsPool, producer: psycopg.Connection, poller: psycopg.AsyncConnection,
-                    n: int, poll_interval: float, timeout: float = 600.0) -> tuple[Timed, dict[str, int]]:
+async def run_batch(
+    pool: DamopsPool,
+    producer: psycopg.Connection,
+    poller: psycopg.AsyncConnection,
+    n: int,
+    poll_interval: float,
+    timeout: float = 600.0,
+) -> tuple[Timed, dict[str, int]]:
     ops = [NewOperation("noop", {}, pool=pool.pool)] * n
     xid_before = await _xid(poller)
     cpu_before = pool.cpu.snapshot()
@@ -171,13 +177,22 @@ async def run_batch(pool: DamopsPool, producer: psycopg.Connection, poller: psyc
     transactions = await _xid(poller) - xid_before - 3
     cur = await poller.execute(OUTCOME_SQL, {"pool": pool.pool, "lo": min(ids), "hi": max(ids)})
     outcome = {status: int(count) for status, count in await cur.fetchall()}
-    pool.last_cpu = {"cpu_per_op": per_op(cpu, n), "write_transactions": transactions,
-                     "write_transactions_per_op": round(transactions / n, 3)}
+    pool.last_cpu = {
+        "cpu_per_op": per_op(cpu, n),
+        "write_transactions": transactions,
+        "write_transactions_per_op": round(transactions / n, 3),
+    }
     return Timed(n, finished - started, inserted - started), outcome
 
 
-async def run_latency(pool: DamopsPool, producer: psycopg.Connection, poller: psycopg.AsyncConnection,
-                      samples: int, pause: float, poll_interval: float) -> dict[str, Any]:
+async def run_latency(
+    pool: DamopsPool,
+    producer: psycopg.Connection,
+    poller: psycopg.AsyncConnection,
+    samples: int,
+    pause: float,
+    poll_interval: float,
+) -> dict[str, Any]:
     sent = await asyncio.to_thread(_produce_singles, producer, pool.pool, samples, pause)
 
     async def drained() -> bool:
@@ -200,15 +215,24 @@ async def run_latency(pool: DamopsPool, producer: psycopg.Connection, poller: ps
         done_ms.append((updated - before) * 1000)
         commit_ms.append((committed - before) * 1000)
         after_commit_ms.append((started_at - committed) * 1000)
-    summary = latency_block(start_ms, commit_ms, after_commit_ms, done_ms, pause_ms=round(pause * 1000, 1),
-                            not_success=bad)
+    summary = latency_block(
+        start_ms, commit_ms, after_commit_ms, done_ms, pause_ms=round(pause * 1000, 1), not_success=bad
+    )
     return summary
 
 
-async def run_damops(url: str, worker_counts: list[int], ops: dict[int, int], repeats: int,
-                     latency_samples: int, latency_pause: float, poll_interval: float,
-                     run_tag: str, uvloop: bool = False, child_env: dict[str, str] | None = None
-                     ) -> list[dict[str, Any]]:
+async def run_damops(
+    url: str,
+    worker_counts: list[int],
+    ops: dict[int, int],
+    repeats: int,
+    latency_samples: int,
+    latency_pause: float,
+    poll_interval: float,
+    run_tag: str,
+    uvloop: bool = False,
+    child_env: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
     applied = await asyncio.to_thread(migrate, url)
     log.info("migrated: %s", applied)
     results = []
@@ -240,16 +264,22 @@ async def run_damops(url: str, worker_counts: list[int], ops: dict[int, int], re
                     run["outcome"] = outcome
                     run.update(pool.last_cpu)
                     runs.append(run)
-                    print(f"  damops {workers:>2} workers: {timed.ops} ops in {timed.seconds:.3f}s = "
-                          f"{run['ops_per_s']:.0f} ops/s (insert {timed.insert_seconds * 1000:.0f} ms) {outcome}; "
-                          f"write transactions/op {run['write_transactions_per_op']}; CPU us/op: {brief(run['cpu_per_op'])}",
-                          flush=True)
+                    print(
+                        f"  damops {workers:>2} workers: {timed.ops} ops in {timed.seconds:.3f}s = "
+                        f"{run['ops_per_s']:.0f} ops/s (insert {timed.insert_seconds * 1000:.0f} ms) {outcome}; "
+                        f"write transactions/op {run['write_transactions_per_op']}; CPU us/op: {brief(run['cpu_per_op'])}",
+                        flush=True,
+                    )
                 entry["throughput"] = throughput_summary(runs)
-                entry["latency"] = await run_latency(pool, producer, poller, latency_samples, latency_pause,
-                                                     poll_interval)
+                entry["latency"] = await run_latency(
+                    pool, producer, poller, latency_samples, latency_pause, poll_interval
+                )
                 lat = entry["latency"]
-                print(f"  damops {workers:>2} workers: enqueue->start p50 {lat['p50_ms']:.2f} ms "
-                      f"p99 {lat['p99_ms']:.2f} ms ({lat['samples']} samples)", flush=True)
+                print(
+                    f"  damops {workers:>2} workers: enqueue->start p50 {lat['p50_ms']:.2f} ms "
+                    f"p99 {lat['p99_ms']:.2f} ms ({lat['samples']} samples)",
+                    flush=True,
+                )
                 entry["scheduler_stats"] = pool.scheduler.snapshot().stats
                 restarts = sum(p.restarts for p in pool.supervisor.pairs.values())
                 entry["worker_restarts"] = restarts

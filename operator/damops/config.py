@@ -25,9 +25,7 @@ def parse_duration(value: object) -> float:
     else:
         match = _DURATION.match(str(value))
         if not match:
-            raise ValueError(
-                f"{value!r} is not a duration: use seconds (e.g. 30) or a unit: 500ms, 30s, 5m, 1h, 1d"
-            )
+            raise ValueError(f"{value!r} is not a duration: use seconds (e.g. 30) or a unit: 500ms, 30s, 5m, 1h, 1d")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"{value!r} is not a positive duration")
@@ -61,7 +59,9 @@ class Settings(BaseSettings):
     max_operation_processing_time: Duration = Field(default=600.0, validation_alias="MAX_OPERATION_PROCESSING_TIME")
     max_worker_active_time: Duration = Field(default=600.0, validation_alias="MAX_WORKER_ACTIVE_TIME")
     operation_wait_interval: Duration = Field(default=30.0, validation_alias="OPERATION_WAIT_INTERVAL")
-    poll_failed_operations_interval: Duration = Field(default=3600.0, validation_alias="POLL_FAILED_OPERATIONS_INTERVAL")
+    poll_failed_operations_interval: Duration = Field(
+        default=3600.0, validation_alias="POLL_FAILED_OPERATIONS_INTERVAL"
+    )
     failed_operation_threshold_time_hours: float = Field(
         default=24.0, gt=0, validation_alias="FAILED_OPERATION_THRESHOLD_TIME_HOURS"
     )

@@ -96,27 +96,41 @@ def _delete_in_batches(conn: psycopg.Connection, sql: str, params: dict[str, obj
         with conn.transaction():  # one short transaction per batch: no long lock
             rows = conn.execute(sql, {**params, "batch": DELETE_BATCH}).fetchall()
         for op_id, trigger_function, created, attempts, error in rows:
-            cleanup_log.info(json.dumps({
-                "event": "failed_operation_deleted", "reason": reason, "id": op_id,
-                "trigger_function": trigger_function, "created": created.isoformat(),
-                "attempts": attempts, "error": error,
-            }))
+            cleanup_log.info(
+                json.dumps(
+                    {
+                        "event": "failed_operation_deleted",
+                        "reason": reason,
+                        "id": op_id,
+                        "trigger_function": trigger_function,
+                        "created": created.isoformat(),
+                        "attempts": attempts,
+                        "error": error,
+                    }
+                )
+            )
         deleted += len(rows)
         if len(rows) < DELETE_BATCH:
             return deleted
 
 
-def cleanup_failed_operations(conn: psycopg.Connection, threshold_hours: float,
-                              limit_records: int) -> CleanupResult | None:
+def cleanup_failed_operations(
+    conn: psycopg.Connection, threshold_hours: float, limit_records: int
+) -> CleanupResult | None:
     """One run of the failed-operations cleanup; None when another instance holds the lock."""
     # A session lock: the cleanup spans many short transactions.
     if not conn.execute("SELECT pg_try_advisory_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone()[0]:
         return None
     try:
-        by_age = _delete_in_batches(conn, DELETE_OLD_FAILED_SQL, {"age": threshold_hours * 3600.0},
-                                    "older than FAILED_OPERATION_THRESHOLD_TIME_HOURS")
-        by_count = _delete_in_batches(conn, DELETE_EXCESS_FAILED_SQL, {"keep": limit_records},
-                                      "beyond FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS")
+        by_age = _delete_in_batches(
+            conn,
+            DELETE_OLD_FAILED_SQL,
+            {"age": threshold_hours * 3600.0},
+            "older than FAILED_OPERATION_THRESHOLD_TIME_HOURS",
+        )
+        by_count = _delete_in_batches(
+            conn, DELETE_EXCESS_FAILED_SQL, {"keep": limit_records}, "beyond FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS"
+        )
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (HOUSEKEEPING_LOCK_KEY,))
     if by_age or by_count:
@@ -148,7 +162,7 @@ class Housekeeper:
                 log.warning("housekeeping skipped a run: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.settings.housekeeping_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _recover(self) -> None:
@@ -157,5 +171,8 @@ class Housekeeper:
 
     def _cleanup(self) -> CleanupResult | None:
         with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
-            return cleanup_failed_operations(conn, self.settings.failed_operation_threshold_time_hours,
-                                             self.settings.failed_operation_threshold_limit_records)
+            return cleanup_failed_operations(
+                conn,
+                self.settings.failed_operation_threshold_time_hours,
+                self.settings.failed_operation_threshold_limit_records,
+            )

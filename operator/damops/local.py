@@ -39,8 +39,9 @@ class LocalPair:
 
 
 class LocalSupervisor:
-    def __init__(self, scheduler: Scheduler, count: int, secret: str, name_prefix: str | None = None,
-                 log_level: str = "WARNING") -> None:
+    def __init__(
+        self, scheduler: Scheduler, count: int, secret: str, name_prefix: str | None = None, log_level: str = "WARNING"
+    ) -> None:
         self.scheduler = scheduler
         self.count = count
         self.secret = secret
@@ -80,9 +81,12 @@ class LocalSupervisor:
         listener.listen(16)
         pair.port = listener.getsockname()[1]
         pair.sidecar = subprocess.Popen(
-            self._command("sidecar", "--name", pair.name, "--socket", pair.socket_path,
-                          "--listen-fd", str(listener.fileno())),
-            pass_fds=(listener.fileno(),), env=self._env(), start_new_session=True,
+            self._command(
+                "sidecar", "--name", pair.name, "--socket", pair.socket_path, "--listen-fd", str(listener.fileno())
+            ),
+            pass_fds=(listener.fileno(),),
+            env=self._env(),
+            start_new_session=True,
         )
         # The sidecar has its own copy; closing ours makes a dead sidecar refuse
         # connections at once instead of leaving them in our backlog.
@@ -91,7 +95,8 @@ class LocalSupervisor:
     def _start_worker(self, pair: LocalPair) -> None:
         pair.worker = subprocess.Popen(
             self._command("worker", "--socket", pair.socket_path, "--name", pair.name),
-            env=self._env(), start_new_session=True,
+            env=self._env(),
+            start_new_session=True,
         )
         pair.worker_pids.append(pair.worker.pid)
 

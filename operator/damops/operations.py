@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.rows import class_row
@@ -73,8 +74,15 @@ def _check(op: NewOperation) -> None:
         raise ValueError(f"inputs of {op.trigger_function!r} are not JSON-serializable: {exc}") from None
 
 
-def enqueue(conn: psycopg.Connection, trigger_function: str, inputs: Any = None, *, pool: str = "default",
-            priority: int = 0, max_attempts: int = 3) -> int:
+def enqueue(
+    conn: psycopg.Connection,
+    trigger_function: str,
+    inputs: Any = None,
+    *,
+    pool: str = "default",
+    priority: int = 0,
+    max_attempts: int = 3,
+) -> int:
     """Insert one operation in ``conn``'s current transaction; return its id."""
     return enqueue_many(conn, [NewOperation(trigger_function, inputs, pool, priority, max_attempts)])[0]
 
@@ -108,8 +116,9 @@ def get(conn: psycopg.Connection, operation_id: int) -> OperationRow | None:
         return cur.execute("SELECT * FROM damops.operations WHERE id = %s", (operation_id,)).fetchone()
 
 
-def list_operations(conn: psycopg.Connection, status: str | None = None, pool: str | None = None,
-                    limit: int = 50) -> list[OperationRow]:
+def list_operations(
+    conn: psycopg.Connection, status: str | None = None, pool: str | None = None, limit: int = 50
+) -> list[OperationRow]:
     with conn.cursor(row_factory=class_row(OperationRow)) as cur:
         return cur.execute(
             """

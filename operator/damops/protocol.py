@@ -16,7 +16,7 @@ import json
 import secrets
 import struct
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -110,7 +110,7 @@ class Shutdown(_Message):
 
 
 Message = Annotated[
-    Union[Challenge, Hello, Welcome, Ready, NotReady, Operation, StatusUpdate, Progress, Heartbeat, Shutdown],
+    Challenge | Hello | Welcome | Ready | NotReady | Operation | StatusUpdate | Progress | Heartbeat | Shutdown,
     Field(discriminator="type"),
 ]
 _message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
@@ -134,8 +134,9 @@ def decode(body: bytes) -> Message:
         raise ProtocolError(f"malformed message: {where}: {first['msg']}") from None
 
 
-async def read_frame(reader: asyncio.StreamReader,
-                     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> tuple[Message, bytes]:
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[Message, bytes]:
     """Read one frame: (message, the whole frame as received, for relaying).
     EOF raises asyncio.IncompleteReadError; bad frames ProtocolError."""
     header = await reader.readexactly(_HEADER.size)

@@ -19,12 +19,12 @@ import time
 
 import psycopg
 
-from damops.loop import run as run_loop
 from damops.config import Settings
 from damops.db import migrate
 from damops.embedded import resolve_database_url
 from damops.housekeeping import Housekeeper
 from damops.local import LocalSupervisor
+from damops.loop import run as run_loop
 from damops.operations import NewOperation, count_by_status, enqueue_many
 from damops.scheduler import Scheduler
 
@@ -52,16 +52,19 @@ async def _progress(scheduler: Scheduler, url: str, pool: str, total: int, done:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         while True:
             cur = await conn.execute(
-                "SELECT status, count(*) FROM damops.operations WHERE pool = %s GROUP BY status", (pool,))
+                "SELECT status, count(*) FROM damops.operations WHERE pool = %s GROUP BY status", (pool,)
+            )
             counts = dict(await cur.fetchall())
             finished = counts.get("SUCCESS", 0) + counts.get("FAILED", 0)
             snap = scheduler.snapshot()
             width = 30
             filled = int(width * finished / total) if total else width
-            line = (f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} "
-                    f"SUCCESS {counts.get('SUCCESS', 0)} FAILED {counts.get('FAILED', 0)} "
-                    f"queued {counts.get('NEW', 0) + counts.get('WAIT', 0)} | workers pending {snap.pending} "
-                    f"free {snap.free} active {snap.active}")
+            line = (
+                f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} "
+                f"SUCCESS {counts.get('SUCCESS', 0)} FAILED {counts.get('FAILED', 0)} "
+                f"queued {counts.get('NEW', 0) + counts.get('WAIT', 0)} | workers pending {snap.pending} "
+                f"free {snap.free} active {snap.active}"
+            )
             print(("\r" if sys.stdout.isatty() else "") + line, end="" if sys.stdout.isatty() else "\n", flush=True)
             if finished >= total:
                 print()
@@ -70,8 +73,9 @@ async def _progress(scheduler: Scheduler, url: str, pool: str, total: int, done:
             await asyncio.sleep(0.5 if sys.stdout.isatty() else 2.0)
 
 
-async def run_async(settings: Settings, *, demo: bool = False, demo_count: int = 200,
-                    exit_when_done: bool = False) -> None:
+async def run_async(
+    settings: Settings, *, demo: bool = False, demo_count: int = 200, exit_when_done: bool = False
+) -> None:
     url = resolve_database_url(settings.database_url, settings.damops_home)
     applied = await asyncio.to_thread(migrate, url)
     if applied:
@@ -89,8 +93,11 @@ async def run_async(settings: Settings, *, demo: bool = False, demo_count: int =
         if stop.is_set():
             force.set()
         else:
-            print("\nstopping: no new operations are claimed; waiting for active ones "
-                  f"(up to {settings.shutdown_grace:g}s, Ctrl-C again to stop now)", file=sys.stderr)
+            print(
+                "\nstopping: no new operations are claimed; waiting for active ones "
+                f"(up to {settings.shutdown_grace:g}s, Ctrl-C again to stop now)",
+                file=sys.stderr,
+            )
             stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -102,8 +109,9 @@ async def run_async(settings: Settings, *, demo: bool = False, demo_count: int =
     housekeeping = asyncio.create_task(housekeeper.run())
     while scheduler.snapshot().pending and time.monotonic() - started < 60:
         await asyncio.sleep(0.05)
-    log.info("%d workers pre-heated in %.2fs (pool %r)", settings.worker_count, time.monotonic() - started,
-             scheduler.pool)
+    log.info(
+        "%d workers pre-heated in %.2fs (pool %r)", settings.worker_count, time.monotonic() - started, scheduler.pool
+    )
 
     watchers: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
     if demo:
@@ -138,7 +146,9 @@ async def run_async(settings: Settings, *, demo: bool = False, demo_count: int =
         with psycopg.connect(url) as conn:
             failed = conn.execute(
                 "SELECT id, trigger_function, attempts, error FROM damops.operations"
-                " WHERE pool = %s AND status = 'FAILED' ORDER BY id DESC LIMIT 5", (scheduler.pool,)).fetchall()
+                " WHERE pool = %s AND status = 'FAILED' ORDER BY id DESC LIMIT 5",
+                (scheduler.pool,),
+            ).fetchall()
         for op_id, trigger_function, attempts, error in failed:
             print(f"  FAILED #{op_id} {trigger_function} after {attempts} attempt(s): {error}")
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import psycopg
 
 from damops import protocol, store
-from damops.dispatch import WorkerState
 from damops.config import Settings
+from damops.dispatch import WorkerState
 from damops.protocol import NotReady, Operation, Progress, Ready, StatusUpdate, Welcome
 from damops.store import Claimed, Completion
 
@@ -86,8 +86,15 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, database_url: str, *, pool: str | None = None,
-                 secret: str | None = None, on_worker_expired: ExpiredCallback | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        *,
+        pool: str | None = None,
+        secret: str | None = None,
+        on_worker_expired: ExpiredCallback | None = None,
+    ) -> None:
         self.settings = settings
         self.database_url = database_url
         self.pool = pool or settings.pool
@@ -181,14 +188,23 @@ class Scheduler:
     def snapshot(self) -> Snapshot:
         now = time.monotonic()
         views = [
-            WorkerView(h.name, h.state.value, h.draining, h.operation.id if h.operation else None,
-                       round(now - h.last_touched, 3), h.pid)
+            WorkerView(
+                h.name,
+                h.state.value,
+                h.draining,
+                h.operation.id if h.operation else None,
+                round(now - h.last_touched, 3),
+                h.pid,
+            )
             for h in self.workers.values()
         ]
         count = lambda state: sum(1 for h in self.workers.values() if h.state is state)  # noqa: E731
         return Snapshot(
-            pending=count(WorkerState.PENDING), free=count(WorkerState.FREE), active=count(WorkerState.ACTIVE),
-            draining=sum(1 for h in self.workers.values() if h.draining), workers=views,
+            pending=count(WorkerState.PENDING),
+            free=count(WorkerState.FREE),
+            active=count(WorkerState.ACTIVE),
+            draining=sum(1 for h in self.workers.values() if h.draining),
+            workers=views,
             stats=dict(self.stats.__dict__),
         )
 
@@ -211,12 +227,13 @@ class Scheduler:
             except asyncio.CancelledError:
                 await self._close_handle(handle)
                 raise
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, protocol.ProtocolError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, protocol.ProtocolError) as exc:
                 if handle.channel is not None:
                     self.stats.dropped_channels += 1
                     log.warning("channel to worker %s dropped: %s", handle.name, exc or type(exc).__name__)
-                await self._lose_channel(handle, f"channel to worker {handle.name} dropped: "
-                                                 f"{exc or type(exc).__name__}")
+                await self._lose_channel(
+                    handle, f"channel to worker {handle.name} dropped: {exc or type(exc).__name__}"
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -275,9 +292,11 @@ class Scheduler:
         if handle.operation is None:
             return
         op, handle.operation = handle.operation, None
-        self._completions.append(Completion(
-            StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure", error=reason, retryable=True), handle.name
-        ))
+        self._completions.append(
+            Completion(
+                StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure", error=reason, retryable=True), handle.name
+            )
+        )
         self._wake.set()
 
     async def _close_handle(self, handle: WorkerHandle) -> None:
@@ -292,7 +311,7 @@ class Scheduler:
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.scheduler_heartbeat)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             if time.monotonic() - last_expiry_check >= self.settings.scheduler_heartbeat:
@@ -314,8 +333,7 @@ class Scheduler:
 
     async def _connection(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True,
-                                                               prepare_threshold=0)
+            self._conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, prepare_threshold=0)
             self._backoff = 0.1
         return self._conn
 
@@ -326,8 +344,11 @@ class Scheduler:
             conn = await self._connection()
             free = []
             if self.claiming and not self._stopping:
-                free = [h for h in self.workers.values()
-                        if h.state is WorkerState.FREE and not h.draining and h.channel is not None]
+                free = [
+                    h
+                    for h in self.workers.values()
+                    if h.state is WorkerState.FREE and not h.draining and h.channel is not None
+                ]
             completions, self._completions = self._completions, []
             touches, self._touches = self._touches, set()
             releases, self._releases = self._releases, []
@@ -340,8 +361,12 @@ class Scheduler:
                     applied = await self._queue_writes(conn, completions, touches, releases)
                     claim = None
                     if free:
-                        claim = await conn.execute(store.CLAIM_SQL, store.claim_params(
-                            self.pool, [h.name for h in free], self.settings.operation_wait_interval))
+                        claim = await conn.execute(
+                            store.CLAIM_SQL,
+                            store.claim_params(
+                                self.pool, [h.name for h in free], self.settings.operation_wait_interval
+                            ),
+                        )
                 # Leaving the pipeline block has sent everything and read every result.
                 if applied is not None:
                     self._count(dict(await applied.fetchall()))
@@ -357,8 +382,13 @@ class Scheduler:
             if claimed and len(claimed) == len(free):
                 self._wake.set()  # the queue may hold more: look again when workers free up
 
-    async def _queue_writes(self, conn: psycopg.AsyncConnection, completions: list[Completion],
-                            touches: set[int], releases: list[tuple[int, int, str]]) -> psycopg.AsyncCursor | None:
+    async def _queue_writes(
+        self,
+        conn: psycopg.AsyncConnection,
+        completions: list[Completion],
+        touches: set[int],
+        releases: list[tuple[int, int, str]],
+    ) -> psycopg.AsyncCursor | None:
         """Queue the buffered StatusUpdates, touches and releases on ``conn``;
         return the cursor of the StatusUpdates (its rows say what was applied)."""
         applied = None
@@ -367,12 +397,13 @@ class Scheduler:
         if touches:
             await conn.execute(store.TOUCH_SQL, {"ids": list(touches)})
         if releases:
-            await conn.execute(store.RELEASE_SQL, store.release_params(
-                releases, "released: its worker or scheduler stopped before it finished"))
+            await conn.execute(
+                store.RELEASE_SQL,
+                store.release_params(releases, "released: its worker or scheduler stopped before it finished"),
+            )
         return applied
 
-    def _requeue(self, completions: list[Completion], touches: set[int],
-                 releases: list[tuple[int, int, str]]) -> None:
+    def _requeue(self, completions: list[Completion], touches: set[int], releases: list[tuple[int, int, str]]) -> None:
         """A database error: put the writes back. Replaying them is safe, every
         statement checks the row is still held by that worker and attempt."""
         self._completions[:0] = completions
@@ -389,14 +420,24 @@ class Scheduler:
         handle.operation = op
         handle.touch()
         try:
-            handle.channel.send_nowait(Operation(id=op.id, trigger_function=op.trigger_function,
-                                                 inputs=op.inputs, attempt=op.attempt))
+            handle.channel.send_nowait(
+                Operation(id=op.id, trigger_function=op.trigger_function, inputs=op.inputs, attempt=op.attempt)
+            )
         except protocol.ProtocolError as exc:  # inputs too large for one frame
             handle.operation = None
             handle.state = WorkerState.FREE
-            self._completions.append(Completion(StatusUpdate(
-                id=op.id, attempt=op.attempt, outcome="failure", error=f"inputs too large: {exc}",
-                retryable=False), op.worker))
+            self._completions.append(
+                Completion(
+                    StatusUpdate(
+                        id=op.id,
+                        attempt=op.attempt,
+                        outcome="failure",
+                        error=f"inputs too large: {exc}",
+                        retryable=False,
+                    ),
+                    op.worker,
+                )
+            )
 
     async def _flush(self, conn: psycopg.AsyncConnection) -> None:
         """Write buffered StatusUpdates, touches and releases (at shutdown)."""
@@ -443,10 +484,16 @@ class Scheduler:
             if handle.state is WorkerState.ACTIVE and now - handle.last_touched > limit:
                 self.stats.expired_workers += 1
                 op_id = handle.operation.id if handle.operation else None
-                log.warning("worker %s expired: active on operation %s for longer than "
-                            "MAX_WORKER_ACTIVE_TIME (%.0fs); restarting it", handle.name, op_id, limit)
-                self._recover(handle, f"worker {handle.name} expired: active for longer than "
-                                      f"MAX_WORKER_ACTIVE_TIME ({limit:g}s)")
+                log.warning(
+                    "worker %s expired: active on operation %s for longer than "
+                    "MAX_WORKER_ACTIVE_TIME (%.0fs); restarting it",
+                    handle.name,
+                    op_id,
+                    limit,
+                )
+                self._recover(
+                    handle, f"worker {handle.name} expired: active for longer than MAX_WORKER_ACTIVE_TIME ({limit:g}s)"
+                )
                 handle.state = WorkerState.PENDING
                 handle.touch()
                 if self.on_worker_expired is not None:
@@ -469,4 +516,3 @@ class Scheduler:
                 log.debug("LISTEN connection lost: %s", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-

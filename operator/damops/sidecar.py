@@ -18,10 +18,18 @@ import os
 import socket
 from dataclasses import dataclass
 
-from damops.loop import run as run_loop
 from damops import protocol
+from damops.loop import run as run_loop
 from damops.protocol import (
-    Heartbeat, NotReady, Operation, Progress, ProtocolError, Ready, Shutdown, StatusUpdate, Welcome,
+    Heartbeat,
+    NotReady,
+    Operation,
+    Progress,
+    ProtocolError,
+    Ready,
+    Shutdown,
+    StatusUpdate,
+    Welcome,
 )
 
 log = logging.getLogger("damops.sidecar")
@@ -34,8 +42,9 @@ class _Assignment:
 
 
 class Sidecar:
-    def __init__(self, name: str, secret: str, socket_path: str,
-                 max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self, name: str, secret: str, socket_path: str, max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
+    ) -> None:
         self.name = name
         self.secret = secret
         self.socket_path = socket_path
@@ -49,8 +58,13 @@ class Sidecar:
 
     # --- servers -----------------------------------------------------------
 
-    async def serve(self, listen_host: str | None = None, listen_port: int | None = None,
-                    listen_fd: int | None = None, health_port: int | None = None) -> None:
+    async def serve(
+        self,
+        listen_host: str | None = None,
+        listen_port: int | None = None,
+        listen_fd: int | None = None,
+        health_port: int | None = None,
+    ) -> None:
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         worker_server = await asyncio.start_unix_server(self._on_worker, path=self.socket_path)
@@ -63,8 +77,12 @@ class Sidecar:
         servers = [worker_server, scheduler_server]
         if health_port is not None:
             servers.append(await asyncio.start_server(self._on_health, "0.0.0.0", health_port))
-        log.info("sidecar %s listening: worker socket %s, scheduler %s", self.name, self.socket_path,
-                 scheduler_server.sockets[0].getsockname())
+        log.info(
+            "sidecar %s listening: worker socket %s, scheduler %s",
+            self.name,
+            self.socket_path,
+            scheduler_server.sockets[0].getsockname(),
+        )
         try:
             await self.stopped.wait()
         finally:
@@ -113,10 +131,15 @@ class Sidecar:
             await channel.close()
             if self.assignment is not None:
                 lost, self.assignment = self.assignment, None
-                self._deliver(StatusUpdate(
-                    id=lost.operation_id, attempt=lost.attempt, outcome="failure",
-                    error=f"worker process lost while running the operation ({reason})", retryable=True,
-                ))
+                self._deliver(
+                    StatusUpdate(
+                        id=lost.operation_id,
+                        attempt=lost.attempt,
+                        outcome="failure",
+                        error=f"worker process lost while running the operation ({reason})",
+                        retryable=True,
+                    )
+                )
             self._to_scheduler(NotReady(reason=reason))
 
     # --- the scheduler side ------------------------------------------------
@@ -133,8 +156,9 @@ class Sidecar:
         if previous is not None:  # the newest scheduler wins (e.g. after an operator restart)
             await previous.close()
         busy = self.assignment
-        channel.send_nowait(Welcome(worker=self.name, busy_operation=busy and busy.operation_id,
-                                    busy_attempt=busy and busy.attempt))
+        channel.send_nowait(
+            Welcome(worker=self.name, busy_operation=busy and busy.operation_id, busy_attempt=busy and busy.attempt)
+        )
         for update in self.undelivered:
             channel.send_nowait(update)
         self.undelivered.clear()
@@ -166,8 +190,15 @@ class Sidecar:
     def _assign(self, op: Operation, frame: bytes) -> None:
         if self.worker is None or self.worker_ready is None or self.assignment is not None:
             state = "busy" if self.assignment else "not ready"
-            self._deliver(StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure",
-                                       error=f"worker {self.name} is {state}", retryable=True))
+            self._deliver(
+                StatusUpdate(
+                    id=op.id,
+                    attempt=op.attempt,
+                    outcome="failure",
+                    error=f"worker {self.name} is {state}",
+                    retryable=True,
+                )
+            )
             return
         self.assignment = _Assignment(op.id, op.attempt)
         self.worker.send_frame_nowait(frame)
@@ -198,18 +229,24 @@ class Sidecar:
             else:
                 ok, body = True, b"alive\n"
             status = b"200 OK" if ok else b"503 Service Unavailable"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.1 "
+                + status
+                + b"\r\nContent-Type: text/plain\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, IndexError):
+        except (TimeoutError, ConnectionError, IndexError):
             pass
         finally:
             writer.close()
 
 
-
-def main(name: str, secret: str, socket_path: str, listen: str | None, listen_fd: int | None,
-         health_port: int | None) -> None:
+def main(
+    name: str, secret: str, socket_path: str, listen: str | None, listen_fd: int | None, health_port: int | None
+) -> None:
     host, port = None, None
     if listen:
         host, _, port_text = listen.rpartition(":")

@@ -8,8 +8,9 @@ a newer state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -94,8 +95,9 @@ def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dic
     return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
 
 
-async def claim(conn: psycopg.AsyncConnection, pool: str, workers: Sequence[str],
-                wait_interval: float) -> list[Claimed]:
+async def claim(
+    conn: psycopg.AsyncConnection, pool: str, workers: Sequence[str], wait_interval: float
+) -> list[Claimed]:
     """Claim up to len(workers) operations, the i-th for workers[i]."""
     if not workers:
         return []
@@ -117,5 +119,9 @@ def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
 
 
 def release_params(held: Sequence[tuple[int, int, str]], reason: str) -> dict[str, Any]:
-    return {"ids": [h[0] for h in held], "attempts": [h[1] for h in held], "workers": [h[2] for h in held],
-            "reason": reason}
+    return {
+        "ids": [h[0] for h in held],
+        "attempts": [h[1] for h in held],
+        "workers": [h[2] for h in held],
+        "reason": reason,
+    }

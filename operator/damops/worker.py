@@ -20,8 +20,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from damops import protocol
 from damops.protocol import Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
@@ -75,8 +76,13 @@ class BlockingChannel:
 
 
 class WorkerRuntime:
-    def __init__(self, socket_path: str, secret: str, name: str | None = None,
-                 max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        secret: str,
+        name: str | None = None,
+        max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self.socket_path = socket_path
         self.secret = secret
         self.name = name or socket.gethostname()
@@ -149,8 +155,12 @@ class WorkerRuntime:
         resolved = self._resolved.get(name)
         if resolved is None:
             function = self.registry.resolve(name)
-            resolved = _Resolved(function, _takes_context(function), inspect.iscoroutinefunction(function),
-                                 logging.getLogger(f"damops.trigger.{name}"))
+            resolved = _Resolved(
+                function,
+                _takes_context(function),
+                inspect.iscoroutinefunction(function),
+                logging.getLogger(f"damops.trigger.{name}"),
+            )
             self._resolved[name] = resolved
         return resolved
 
@@ -158,10 +168,12 @@ class WorkerRuntime:
         def report(message: str | None, fraction: float | None) -> None:
             if self._channel is not None:
                 self._channel.send(Progress(id=operation_id, message=message, fraction=fraction))
+
         return report
 
     def handle(self, op: Operation) -> StatusUpdate:
         """Run one operation; every outcome becomes exactly one StatusUpdate."""
+
         def failure(error: str, retryable: bool) -> StatusUpdate:
             return StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure", error=error, retryable=retryable)
 
@@ -199,8 +211,15 @@ class WorkerRuntime:
         try:
             return protocol.encode(update, self.max_frame_bytes)
         except protocol.ProtocolError as exc:
-            return protocol.encode(StatusUpdate(id=update.id, attempt=update.attempt, outcome="failure",
-                                                error=f"result too large: {exc}", retryable=False))
+            return protocol.encode(
+                StatusUpdate(
+                    id=update.id,
+                    attempt=update.attempt,
+                    outcome="failure",
+                    error=f"result too large: {exc}",
+                    retryable=False,
+                )
+            )
 
 
 def _takes_context(function: Any) -> bool:

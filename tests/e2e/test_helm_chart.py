@@ -13,7 +13,7 @@ import yaml
 CHART = Path(__file__).resolve().parents[2] / "helm" / "damops"
 
 if shutil.which("helm") is None:
-    REASON = "helm is not on PATH (eval \"$(hack/local-cluster env)\" provides one, or install helm)"
+    REASON = 'helm is not on PATH (eval "$(hack/local-cluster env)" provides one, or install helm)'
     print(f"\n[helm tests skipped] {REASON}", file=sys.stderr)
     pytest.skip(REASON, allow_module_level=True)
 
@@ -38,7 +38,14 @@ def test_helm_lint_passes() -> None:
 def test_schema_rejects_unknown_keys_and_bad_values() -> None:
     proc = helm("lint", str(CHART), *DB, "--set", "configuration.digitalAssetManagement.typoKey=1")
     assert proc.returncode != 0 and "typoKey" in proc.stdout + proc.stderr
-    proc = helm("template", "t", str(CHART), *DB, "--set", "configuration.digitalAssetManagement.failedOperationThresholdLimitRecords=-1")
+    proc = helm(
+        "template",
+        "t",
+        str(CHART),
+        *DB,
+        "--set",
+        "configuration.digitalAssetManagement.failedOperationThresholdLimitRecords=-1",
+    )
     assert proc.returncode != 0
 
 
@@ -60,7 +67,12 @@ def test_template_renders_operator_with_seed_env_vars() -> None:
     assert env["FAILED_OPERATION_THRESHOLD_TIME_HOURS"] == "48"
     assert env["FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS"] == "20000"
     assert env["POLL_FAILED_OPERATIONS_INTERVAL"] == "1h"
-    for name in ("SCHEDULER_HEARTBEAT", "MAX_OPERATION_PROCESSING_TIME", "MAX_WORKER_ACTIVE_TIME", "OPERATION_WAIT_INTERVAL"):
+    for name in (
+        "SCHEDULER_HEARTBEAT",
+        "MAX_OPERATION_PROCESSING_TIME",
+        "MAX_WORKER_ACTIVE_TIME",
+        "OPERATION_WAIT_INTERVAL",
+    ):
         assert env[name], name
     db = [e for e in container["env"] if e["name"] == "DATABASE_URL"][0]
     assert db["valueFrom"]["secretKeyRef"] == {"name": "t-damops-database", "key": "url"}
@@ -73,13 +85,22 @@ def test_network_policy_lets_only_the_operator_reach_the_channel_port() -> None:
     [np] = [d for d in render() if d["kind"] == "NetworkPolicy"]
     rules = np["spec"]["ingress"]
     channel = [r for r in rules if {"protocol": "TCP", "port": 7700} in r.get("ports", [])]
-    assert len(channel) == 1 and channel[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert (
+        len(channel) == 1
+        and channel[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    )
     assert all("from" in r for r in rules if {"protocol": "TCP", "port": 7700} in r.get("ports", []))
 
 
 def test_rbac_is_least_privilege() -> None:
     roles = [d for d in render() if d["kind"] == "ClusterRole"]
-    verbs = {(g, r): set(rule["verbs"]) for d in roles for rule in d["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    verbs = {
+        (g, r): set(rule["verbs"])
+        for d in roles
+        for rule in d["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
     assert verbs[("", "secrets")] == {"get", "create"}
     assert verbs[("", "pods")] == {"get", "list", "watch", "create", "delete", "patch"}
     assert "*" not in set().union(*verbs.values())
@@ -87,7 +108,15 @@ def test_rbac_is_least_privilege() -> None:
 
 
 def test_existing_secret_and_bundled_postgresql() -> None:
-    proc = helm("template", "t", str(CHART), "--set", "database.existingSecret.name=mydb", "--set", "database.existingSecret.key=dsn")
+    proc = helm(
+        "template",
+        "t",
+        str(CHART),
+        "--set",
+        "database.existingSecret.name=mydb",
+        "--set",
+        "database.existingSecret.key=dsn",
+    )
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     [deploy] = [d for d in docs if d["kind"] == "Deployment"]

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -40,13 +41,13 @@ def _skip(reason: str) -> None:
 def _preflight() -> None:
     for tool in ("kubectl", "helm"):
         if shutil.which(tool) is None:
-            _skip(f"{tool} is not on PATH (run `eval \"$(hack/local-cluster env)\"` or install kind + {tool})")
+            _skip(f'{tool} is not on PATH (run `eval "$(hack/local-cluster env)"` or install kind + {tool})')
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not any(Path(p).exists() for p in kubeconfig.split(os.pathsep)):
         _skip(f"no kubeconfig at {kubeconfig}: no cluster to test against (hack/local-cluster up, or make kind-up)")
     for var in ("DAMOPS_E2E_DATABASE_URL", "DAMOPS_E2E_POD_DATABASE_URL"):
         if not os.environ.get(var):
-            _skip(f"{var} is not set (eval \"$(hack/local-cluster env)\" sets it)")
+            _skip(f'{var} is not set (eval "$(hack/local-cluster env)" sets it)')
     try:
         probe = subprocess.run(["kubectl", "get", "--raw", "/readyz"], capture_output=True, text=True, timeout=15)
     except subprocess.TimeoutExpired:
@@ -76,7 +77,9 @@ WORKER_SELECTOR = "app.kubernetes.io/component=worker"
 # --------------------------------------------------------------------------- helpers
 
 
-def kubectl(*args: str, check: bool = True, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
+def kubectl(
+    *args: str, check: bool = True, timeout: float = 60, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(["kubectl", "-n", NS, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -139,8 +142,12 @@ def wait_ready(name: str, replicas: int, timeout: float = 240) -> dict[str, Any]
         wp = workerpool(name)
         st = wp.get("status") or {}
         running = [p for p in live_pods(name) if pod_ready(p)]
-        if condition(wp, "Ready") == "True" and st.get("readyReplicas") == replicas and len(running) == replicas \
-                and len(live_pods(name)) == replicas:
+        if (
+            condition(wp, "Ready") == "True"
+            and st.get("readyReplicas") == replicas
+            and len(running) == replicas
+            and len(live_pods(name)) == replicas
+        ):
             return wp
         return None
 
@@ -149,8 +156,9 @@ def wait_ready(name: str, replicas: int, timeout: float = 240) -> dict[str, Any]
 
 def enqueue(pool: str, trigger: str, count: int, inputs: dict | None = None, max_attempts: int = 3) -> list[int]:
     with psycopg.connect(DB_URL, autocommit=True) as conn:
-        return enqueue_many(conn, [NewOperation(trigger, inputs or {}, pool=pool, max_attempts=max_attempts)
-                                   for _ in range(count)])
+        return enqueue_many(
+            conn, [NewOperation(trigger, inputs or {}, pool=pool, max_attempts=max_attempts) for _ in range(count)]
+        )
 
 
 def rows(ids: list[int]) -> list[dict[str, Any]]:
@@ -194,19 +202,44 @@ def operator_release() -> Any:
     repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
     wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
     cmd = [
-        "helm", "upgrade", "--install", RELEASE, str(CHART), "-n", NS, "--wait", "--timeout", "240s",
-        "--set", f"database.url={POD_DB_URL}",
-        "--set", f"image.operator.repository={repo}", "--set", f"image.operator.tag={tag}",
-        "--set", f"image.operator.pullPolicy={PULL_POLICY}",
-        "--set", f"image.worker.repository={wrepo}", "--set", f"image.worker.tag={wtag}",
-        "--set", f"operator.watchNamespaces={{{NS}}}",
-        "--set", f"operator.peering.name=damops-e2e-{RUN}",
-        "--set", "operator.logFormat=plain",
-        "--set-string", "configuration.digitalAssetManagement.schedulerHeartbeat=500ms",
-        "--set-string", "configuration.digitalAssetManagement.maxOperationProcessingTime=60s",
-        "--set-string", "configuration.digitalAssetManagement.housekeepingInterval=2s",
-        "--set-string", "configuration.digitalAssetManagement.shutdownGrace=5s",
-        "--set", "operator.resources.requests.cpu=50m",
+        "helm",
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NS,
+        "--wait",
+        "--timeout",
+        "240s",
+        "--set",
+        f"database.url={POD_DB_URL}",
+        "--set",
+        f"image.operator.repository={repo}",
+        "--set",
+        f"image.operator.tag={tag}",
+        "--set",
+        f"image.operator.pullPolicy={PULL_POLICY}",
+        "--set",
+        f"image.worker.repository={wrepo}",
+        "--set",
+        f"image.worker.tag={wtag}",
+        "--set",
+        f"operator.watchNamespaces={{{NS}}}",
+        "--set",
+        f"operator.peering.name=damops-e2e-{RUN}",
+        "--set",
+        "operator.logFormat=plain",
+        "--set-string",
+        "configuration.digitalAssetManagement.schedulerHeartbeat=500ms",
+        "--set-string",
+        "configuration.digitalAssetManagement.maxOperationProcessingTime=60s",
+        "--set-string",
+        "configuration.digitalAssetManagement.housekeepingInterval=2s",
+        "--set-string",
+        "configuration.digitalAssetManagement.shutdownGrace=5s",
+        "--set",
+        "operator.resources.requests.cpu=50m",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -219,10 +252,19 @@ def operator_release() -> Any:
     kubectl("delete", "workerpools", "--all", "--wait=true", "--timeout=120s", check=False, timeout=150)
     # stop the operator while its RBAC still exists, so it can leave the peering cleanly
     kubectl("scale", f"deployment/{RELEASE}-operator", "--replicas=0", check=False)
-    kubectl("wait", "pod", "-l", "app.kubernetes.io/component=operator", "--for=delete", "--timeout=120s",
-            check=False, timeout=150)
-    subprocess.run(["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s"],
-                   capture_output=True, timeout=150)
+    kubectl(
+        "wait",
+        "pod",
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "--for=delete",
+        "--timeout=120s",
+        check=False,
+        timeout=150,
+    )
+    subprocess.run(
+        ["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s"], capture_output=True, timeout=150
+    )
     subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
 
 
@@ -276,7 +318,9 @@ def claim_log() -> Any:
     """Every claim of an operation of a ``scale-*`` pool, recorded by a trigger in the real database:
     an operation claimed twice was interrupted (its worker killed) and run again."""
     with psycopg.connect(DB_URL, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS public.damops_e2e_claims (id bigint, worker text, at timestamptz DEFAULT now())")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS public.damops_e2e_claims (id bigint, worker text, at timestamptz DEFAULT now())"
+        )
         conn.execute(
             "CREATE OR REPLACE FUNCTION public.damops_e2e_claim() RETURNS trigger LANGUAGE plpgsql AS $$"
             " BEGIN INSERT INTO public.damops_e2e_claims (id, worker) VALUES (NEW.id, NEW.worker); RETURN NULL; END $$"
@@ -311,8 +355,12 @@ def test_scale_up_and_down_loses_no_active_operation(claim_log: Any) -> None:
     wait_ready(name, 5)
     wait_for("4+ active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 4, 60)
     kubectl("scale", f"workerpool/{name}", "--replicas=1")
-    wait_for("active workers draining", lambda: (workerpool(name)["status"].get("drainingWorkers") or 0) >= 1, 30,
-             interval=0.3)
+    wait_for(
+        "active workers draining",
+        lambda: (workerpool(name)["status"].get("drainingWorkers") or 0) >= 1,
+        30,
+        interval=0.3,
+    )
     final = wait_all_final(ids, timeout=300)
     assert all(r["status"] == "SUCCESS" for r in final), statuses(ids)
     # active workers were drained, never killed: every operation was claimed exactly once
@@ -396,17 +444,33 @@ def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
     wait_ready(name, 2)
     old_uids = {p["metadata"]["uid"] for p in live_pods(name)}
     old_hash = workerpool(name)["status"]["templateHash"]
-    kubectl("patch", "workerpool", name, "--type=merge", "-p", json.dumps({"spec": {"env": [{"name": "E2E", "value": "2"}]}}))
+    kubectl(
+        "patch",
+        "workerpool",
+        name,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"env": [{"name": "E2E", "value": "2"}]}}),
+    )
     min_ready = 2
 
     def rolled() -> bool:
         nonlocal min_ready
         wp = workerpool(name)
         st = wp.get("status") or {}
-        current = [p for p in live_pods(name) if p["metadata"]["labels"].get("damops.dev/template-hash") == st.get("templateHash")]
+        current = [
+            p
+            for p in live_pods(name)
+            if p["metadata"]["labels"].get("damops.dev/template-hash") == st.get("templateHash")
+        ]
         min_ready = min(min_ready, sum(1 for p in live_pods(name) if pod_ready(p)))
-        return (st.get("templateHash") != old_hash and len(current) == 2 and all(pod_ready(p) for p in current)
-                and len(live_pods(name)) == 2 and st.get("updatedReplicas") == 2)
+        return (
+            st.get("templateHash") != old_hash
+            and len(current) == 2
+            and all(pod_ready(p) for p in current)
+            and len(live_pods(name)) == 2
+            and st.get("updatedReplicas") == 2
+        )
 
     wait_for("both workers replaced by the new template", rolled, 180, interval=0.5)
     assert not old_uids & {p["metadata"]["uid"] for p in live_pods(name)}
@@ -423,4 +487,6 @@ def test_deleting_the_pool_deletes_its_pods() -> None:
     wait_for("the pool's pods to be gone", lambda: pods(name) == [], 120)
     assert kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0 or wait_for(
         "the channel secret to be collected",
-        lambda: kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0, 60)
+        lambda: kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0,
+        60,
+    )

@@ -20,8 +20,11 @@ def test_unknown_trigger_function_fails_with_its_name(database_url):
     async def scenario():
         async with running_engine(database_url):
             with psycopg.connect(database_url) as conn:
-                ids = [enqueue(conn, "no_such_function"), enqueue(conn, "no_such_module:fn"),
-                       enqueue(conn, "damops.examples:missing")]
+                ids = [
+                    enqueue(conn, "no_such_function"),
+                    enqueue(conn, "no_such_module:fn"),
+                    enqueue(conn, "damops.examples:missing"),
+                ]
             await wait_final(database_url, ids)
             return ids
 
@@ -68,7 +71,9 @@ def test_result_larger_than_a_frame_fails_the_operation_not_the_channel(database
         async with running_engine(database_url, settings(worker_count=1)) as engine:
             pids = engine.worker_pids()
             with psycopg.connect(database_url) as conn:
-                big = enqueue(conn, "tests.support.triggers:big_result", {"bytes": protocol.DEFAULT_MAX_FRAME_BYTES + 10})
+                big = enqueue(
+                    conn, "tests.support.triggers:big_result", {"bytes": protocol.DEFAULT_MAX_FRAME_BYTES + 10}
+                )
                 after = enqueue(conn, "noop")
             await wait_final(database_url, [big, after])
             assert engine.worker_pids() == pids  # the same worker carried on
@@ -167,8 +172,20 @@ def test_bad_frame_from_a_worker_drops_it_and_recovers_its_operation(database_ur
     socket_path = str(tmp_path / "worker.sock")
     port = _free_port()
     sidecar = subprocess.Popen(
-        [sys.executable, "-m", "damops", "sidecar", "--name", "fault-w1", "--socket", socket_path,
-         "--listen", f"127.0.0.1:{port}"], env=dict(os.environ, DAMOPS_SECRET=SECRET))
+        [
+            sys.executable,
+            "-m",
+            "damops",
+            "sidecar",
+            "--name",
+            "fault-w1",
+            "--socket",
+            socket_path,
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        env=dict(os.environ, DAMOPS_SECRET=SECRET),
+    )
 
     async def scenario():
         scheduler = Scheduler(settings(), database_url, secret=SECRET)
@@ -212,8 +229,13 @@ def _free_port() -> int:
 
 def test_cli_invalid_inputs_is_an_error_and_inserts_nothing(database_url, conn):
     env = dict(os.environ, DATABASE_URL=database_url)
-    result = subprocess.run([sys.executable, "-m", "damops", "enqueue", "noop", "--inputs", "{not json"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "damops", "enqueue", "noop", "--inputs", "{not json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "--inputs is not valid JSON" in result.stderr
     assert conn.execute("SELECT count(*) FROM damops.operations").fetchone()[0] == 0
@@ -221,8 +243,9 @@ def test_cli_invalid_inputs_is_an_error_and_inserts_nothing(database_url, conn):
 
 def test_bad_configuration_stops_start_up_naming_the_variable(database_url):
     env = dict(os.environ, DATABASE_URL=database_url, SCHEDULER_HEARTBEAT="soon", WORKER_COUNT="-3")
-    result = subprocess.run([sys.executable, "-m", "damops", "run"], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "damops", "run"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "SCHEDULER_HEARTBEAT='soon'" in result.stderr
     assert "WORKER_COUNT='-3'" in result.stderr

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import psycopg
-import pytest
 
 from damops import store
 from damops.db import migrate, migration_files
@@ -61,7 +60,9 @@ def test_insert_notifies_the_pool_once_per_statement(database_url):
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute("LISTEN damops_operations")
         with psycopg.connect(database_url) as producer:
-            enqueue_many(producer, [NewOperation("noop", pool="a") for _ in range(50)] + [NewOperation("noop", pool="b")])
+            enqueue_many(
+                producer, [NewOperation("noop", pool="a") for _ in range(50)] + [NewOperation("noop", pool="b")]
+            )
         payloads = sorted(n.payload for n in listener.notifies(timeout=1.0))
     assert payloads == ["a", "b"]
 
@@ -69,12 +70,20 @@ def test_insert_notifies_the_pool_once_per_statement(database_url):
 def test_claim_is_an_index_scan_on_the_claimable_rows(conn):
     conn.execute(
         "INSERT INTO damops.operations (trigger_function, status) "
-        "SELECT 'noop', 'SUCCESS' FROM generate_series(1, 20000)")
+        "SELECT 'noop', 'SUCCESS' FROM generate_series(1, 20000)"
+    )
     enqueue_many(conn, [NewOperation("noop") for _ in range(10)])
     conn.execute("ANALYZE damops.operations")
-    plan = "\n".join(r[0] for r in conn.execute(
-        "EXPLAIN " + store.CLAIM_SQL.replace("%(pool)s", "'default'").replace("%(wait_interval)s", "30")
-        .replace("%(limit)s", "4").replace("%(workers)s", "ARRAY['a','b','c','d']")))
+    plan = "\n".join(
+        r[0]
+        for r in conn.execute(
+            "EXPLAIN "
+            + store.CLAIM_SQL.replace("%(pool)s", "'default'")
+            .replace("%(wait_interval)s", "30")
+            .replace("%(limit)s", "4")
+            .replace("%(workers)s", "ARRAY['a','b','c','d']")
+        )
+    )
     assert "operations_claimable_idx" in plan, plan
     assert "Seq Scan on operations" not in plan, plan
 
@@ -103,16 +112,18 @@ def test_autovacuum_settings_suit_a_queue(conn):
 
 def _cli(database_url, *args, check=True):
     env = dict(os.environ, DATABASE_URL=database_url)
-    result = subprocess.run([sys.executable, "-m", "damops", *args], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "damops", *args], env=env, capture_output=True, text=True, timeout=60
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
 
 
 def test_cli_enqueue_status_list_and_migrate(database_url):
-    op_id = int(_cli(database_url, "enqueue", "sleep", "--inputs", '{"seconds": 2}', "--pool", "p9",
-                     "--priority", "4").stdout)
+    op_id = int(
+        _cli(database_url, "enqueue", "sleep", "--inputs", '{"seconds": 2}', "--pool", "p9", "--priority", "4").stdout
+    )
     shown = _cli(database_url, "status", str(op_id)).stdout
     assert '"trigger_function": "sleep"' in shown and '"pool": "p9"' in shown and '"priority": 4' in shown
     listed = _cli(database_url, "list", "--status", "new", "--pool", "p9").stdout

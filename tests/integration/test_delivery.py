@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import subprocess
 
 import psycopg
 
@@ -21,8 +20,9 @@ def test_two_schedulers_on_one_database_process_each_operation_exactly_once(data
         config = settings(worker_count=3)
         async with running_engine(database_url, config) as first, running_engine(database_url, config) as second:
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:record", {"log": str(log_file)})
-                                          for _ in range(total)])
+                ids = enqueue_many(
+                    conn, [NewOperation("tests.support.triggers:record", {"log": str(log_file)}) for _ in range(total)]
+                )
             await wait_final(database_url, ids, timeout=240)
             return ids, first.scheduler.stats.claimed, second.scheduler.stats.claimed
 
@@ -45,8 +45,13 @@ def test_graceful_shutdown_finishes_active_work_and_returns_the_rest_to_new(data
         config = settings(worker_count=2, shutdown_grace=10)
         async with running_engine(database_url, config) as engine:
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:sleep_then_record",
-                                                       {"seconds": 0.5, "log": str(log_file)}) for _ in range(8)])
+                ids = enqueue_many(
+                    conn,
+                    [
+                        NewOperation("tests.support.triggers:sleep_then_record", {"seconds": 0.5, "log": str(log_file)})
+                        for _ in range(8)
+                    ],
+                )
             await wait_until(lambda: engine.scheduler.snapshot().active == 2, 10, "both workers active")
             # leaving the block stops the engine: claiming stops, the 2 active ones finish
         return ids
@@ -106,8 +111,9 @@ def test_database_outage_scheduler_retries_and_resumes_losing_nothing(tmp_path):
             await wait_until(lambda: engine.scheduler.snapshot().active == 2, 10, "work in flight")
             await asyncio.to_thread(_pg_ctl, datadir, "-w", "-m", "fast", "stop")
             await asyncio.sleep(2.0)  # StatusUpdates pile up; the scheduler keeps retrying
-            await asyncio.to_thread(_pg_ctl, datadir, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}",
-                                    "-l", str(datadir / "log"), "start")
+            await asyncio.to_thread(
+                _pg_ctl, datadir, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(datadir / "log"), "start"
+            )
             with psycopg.connect(url) as conn:
                 after = enqueue_many(conn, [NewOperation("noop") for _ in range(4)])
             return await wait_final(url, before + after, timeout=60)
@@ -123,8 +129,9 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
     """The operator-restart case: scheduler A dies without any cleanup while its
     workers run; scheduler B connects to the same sidecars, learns what each is
     busy with, and records the results: no operation lost or run twice."""
-    from damops.scheduler import Scheduler
     from engine import SECRET
+
+    from damops.scheduler import Scheduler
 
     log_file = tmp_path / "executions.log"
 
@@ -132,8 +139,13 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
         async with running_engine(database_url, settings(worker_count=2), housekeeping=False) as engine:
             first = engine.scheduler
             with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:sleep_then_record",
-                                                       {"seconds": 1.0, "log": str(log_file)}) for _ in range(2)])
+                ids = enqueue_many(
+                    conn,
+                    [
+                        NewOperation("tests.support.triggers:sleep_then_record", {"seconds": 1.0, "log": str(log_file)})
+                        for _ in range(2)
+                    ],
+                )
             await wait_until(lambda: first.snapshot().active == 2, 10, "both workers active")
             # A dies: its tasks and channels vanish, nothing is written back.
             for task in first._tasks + [h.task for h in first.workers.values()]:
@@ -144,8 +156,9 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
             await second.start()
             for pair in engine.supervisor.pairs.values():
                 second.add_worker(pair.name, "127.0.0.1", pair.port)
-            await wait_until(lambda: second.snapshot().active == 2 or second.stats.succeeded == 2, 10,
-                             "B to adopt the busy workers")
+            await wait_until(
+                lambda: second.snapshot().active == 2 or second.stats.succeeded == 2, 10, "B to adopt the busy workers"
+            )
             final = await wait_final(database_url, ids, timeout=20)
             stats = second.stats
             await second.stop()

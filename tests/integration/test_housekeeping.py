@@ -21,8 +21,9 @@ def _set(conn, op_id, **columns):
 
 
 def _age(conn, op_id, column, seconds):
-    conn.execute(f"UPDATE damops.operations SET {column} = now() - make_interval(secs => %s) WHERE id = %s",
-                 (seconds, op_id))
+    conn.execute(
+        f"UPDATE damops.operations SET {column} = now() - make_interval(secs => %s) WHERE id = %s", (seconds, op_id)
+    )
 
 
 def test_expired_operation_goes_back_to_new_then_fails_when_attempts_are_used_up(conn):
@@ -166,7 +167,9 @@ def _failed(conn, count, hours_old):
     ids = [enqueue(conn, "fail") for _ in range(count)]
     conn.execute(
         "UPDATE damops.operations SET status = 'FAILED', attempts = 3, error = 'RuntimeError: x',"
-        " created = now() - make_interval(hours => %s) WHERE id = ANY(%s)", (hours_old, ids))
+        " created = now() - make_interval(hours => %s) WHERE id = ANY(%s)",
+        (hours_old, ids),
+    )
     return ids
 
 
@@ -174,8 +177,10 @@ def test_failed_cleanup_by_age_logs_every_deleted_operation(conn, caplog):
     old = _failed(conn, 3, hours_old=25)
     recent = _failed(conn, 2, hours_old=1)
     succeeded = enqueue(conn, "noop")
-    conn.execute("UPDATE damops.operations SET status = 'SUCCESS', created = now() - interval '48 hours'"
-                 " WHERE id = %s", (succeeded,))
+    conn.execute(
+        "UPDATE damops.operations SET status = 'SUCCESS', created = now() - interval '48 hours' WHERE id = %s",
+        (succeeded,),
+    )
     with caplog.at_level(logging.INFO, logger="damops.housekeeping.failed_cleanup"):
         result = cleanup_failed_operations(conn, threshold_hours=24, limit_records=20000)
 
@@ -209,7 +214,8 @@ def test_failed_cleanup_deletes_a_large_backlog_in_bounded_batches(conn):
 
     conn.execute(
         "INSERT INTO damops.operations (trigger_function, status, created, error)"
-        " SELECT 'fail', 'FAILED', now() - interval '2 days', 'x' FROM generate_series(1, 2500)")
+        " SELECT 'fail', 'FAILED', now() - interval '2 days', 'x' FROM generate_series(1, 2500)"
+    )
     result = cleanup_failed_operations(conn, threshold_hours=24, limit_records=20000)
     assert result.by_age == 2500
     assert housekeeping.DELETE_BATCH < 2500  # it took several batches (transactions)

@@ -30,13 +30,16 @@ def test_round_trip_of_every_message():
         assert protocol.decode(frame[4:]) == message
 
 
-@pytest.mark.parametrize("body, problem", [
-    (b"not json", "Invalid JSON"),
-    (b'{"type": "operation", "id": 1}', "operation.trigger_function"),
-    (b'{"type": "launch_missiles"}', "does not match any of the expected tags"),
-    (b'{"type": "heartbeat", "v": 2}', "heartbeat.v"),
-    (b'{"type": "heartbeat", "extra": 1}', "heartbeat.extra"),
-])
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        (b"not json", "Invalid JSON"),
+        (b'{"type": "operation", "id": 1}', "operation.trigger_function"),
+        (b'{"type": "launch_missiles"}', "does not match any of the expected tags"),
+        (b'{"type": "heartbeat", "v": 2}', "heartbeat.v"),
+        (b'{"type": "heartbeat", "extra": 1}', "heartbeat.extra"),
+    ],
+)
 def test_malformed_messages_are_refused_with_a_reason(body, problem):
     with pytest.raises(protocol.ProtocolError, match="malformed message") as err:
         protocol.decode(body)
@@ -110,8 +113,11 @@ def test_settings_read_the_seeds_variable_names(monkeypatch):
     monkeypatch.delenv("FAILED_OPERATION_THRESHOLD_TIME_HOURS")
     monkeypatch.delenv("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS")
     defaults = load_settings()
-    assert (defaults.poll_failed_operations_interval, defaults.failed_operation_threshold_time_hours,
-            defaults.failed_operation_threshold_limit_records) == (3600, 24, 20000)
+    assert (
+        defaults.poll_failed_operations_interval,
+        defaults.failed_operation_threshold_time_hours,
+        defaults.failed_operation_threshold_limit_records,
+    ) == (3600, 24, 20000)
     monkeypatch.setenv("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS", "lots")
     with pytest.raises(SystemExit, match="FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS='lots'"):
         load_settings()
@@ -128,9 +134,23 @@ def test_a_silent_peer_is_dropped_by_the_heartbeat_watchdog(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    sidecar = subprocess.Popen([sys.executable, "-m", "damops", "sidecar", "--name", "w", "--socket",
-                                str(tmp_path / "w.sock"), "--listen", f"127.0.0.1:{port}"],
-                               env=dict(os.environ, DAMOPS_SECRET="s"), stderr=subprocess.PIPE, text=True)
+    sidecar = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "damops",
+            "sidecar",
+            "--name",
+            "w",
+            "--socket",
+            str(tmp_path / "w.sock"),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        env=dict(os.environ, DAMOPS_SECRET="s"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     async def scenario():
         for _ in range(100):

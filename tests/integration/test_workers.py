@@ -24,8 +24,9 @@ def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
 
     pids, ids = asyncio.run(scenario())
     with psycopg.connect(database_url) as conn:
-        used = {r[0] for r in conn.execute(
-            "SELECT (result->>'pid')::int FROM damops.operations WHERE id = ANY(%s)", (ids,))}
+        used = {
+            r[0] for r in conn.execute("SELECT (result->>'pid')::int FROM damops.operations WHERE id = ANY(%s)", (ids,))
+        }
     # 40 operations, only the 2 pre-heated processes ran them.
     assert used <= pids and len(used) >= 1
 
@@ -55,7 +56,7 @@ def test_worker_states_pending_free_active_free(database_url):
 
 def test_status_updates_record_result_and_error(database_url):
     async def scenario():
-        async with running_engine(database_url) as engine:
+        async with running_engine(database_url):
             with psycopg.connect(database_url) as conn:
                 ok = enqueue(conn, "render_rendition", {"width": 64, "height": 64, "scale": 4})
                 bad = enqueue(conn, "fail", {"message": "boom"}, max_attempts=1)

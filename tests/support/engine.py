@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import psycopg
 
@@ -19,8 +19,13 @@ SECRET = "test-secret"
 
 
 def settings(**overrides: object) -> Settings:
-    base: dict[str, object] = {"worker_count": 2, "scheduler_heartbeat": 0.2, "housekeeping_interval": 0.2,
-                               "shutdown_grace": 5.0, "secret": SECRET}
+    base: dict[str, object] = {
+        "worker_count": 2,
+        "scheduler_heartbeat": 0.2,
+        "housekeeping_interval": 0.2,
+        "shutdown_grace": 5.0,
+        "secret": SECRET,
+    }
     base.update(overrides)
     return Settings(**base)
 
@@ -36,8 +41,9 @@ class Engine:
 
 
 @contextlib.asynccontextmanager
-async def running_engine(database_url: str, config: Settings | None = None, *, housekeeping: bool = True,
-                         wait_ready: bool = True) -> AsyncIterator[Engine]:
+async def running_engine(
+    database_url: str, config: Settings | None = None, *, housekeeping: bool = True, wait_ready: bool = True
+) -> AsyncIterator[Engine]:
     config = config or settings()
     scheduler = Scheduler(config, database_url, secret=SECRET)
     supervisor = LocalSupervisor(scheduler, config.worker_count, SECRET, name_prefix=f"t{id(scheduler) % 10000}")
@@ -78,9 +84,11 @@ def statuses(database_url: str, ids: Iterable[int]) -> dict[int, str]:
 
 async def wait_final(database_url: str, ids: list[int], timeout: float = 60) -> dict[int, str]:
     """Wait until every operation in ids is SUCCESS or FAILED; return their statuses."""
+
     def check():
         found = statuses(database_url, ids)
         return found if all(s in ("SUCCESS", "FAILED") for s in found.values()) and len(found) == len(ids) else None
+
     return await wait_until(check, timeout, f"{len(ids)} operations to reach a final state", interval=0.1)
 
 

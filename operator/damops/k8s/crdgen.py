@@ -206,7 +206,7 @@ def crd() -> dict[str, Any]:
                         {
                             "name": "Status",
                             "type": "string",
-                            "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
                             "priority": 1,
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

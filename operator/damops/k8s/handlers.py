@@ -22,15 +22,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 import psycopg
 
 from damops.config import Settings, load_settings, parse_duration
-from damops.k8s import GROUP, PLURAL, VERSION
-from damops.k8s import metrics
+from damops.k8s import GROUP, PLURAL, VERSION, metrics
 from damops.k8s.models import Condition, WorkerPoolSpec, WorkerPoolStatus
 from damops.k8s.reconcile import PodInfo, plan, sync_scheduler
 from damops.k8s.specs import (
@@ -114,7 +113,12 @@ class Kube:
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         await self.call(
             self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
         )
 
 
@@ -126,7 +130,7 @@ class OperatorState:
     settings: Settings
     kube: Kube
     default_image: str
-    pools: dict[tuple[str, str], "PoolRuntime"] = field(default_factory=dict)
+    pools: dict[tuple[str, str], PoolRuntime] = field(default_factory=dict)
     housekeepers: dict[str, list[Any]] = field(default_factory=dict)  # url -> [housekeeper, task, refs]
 
 
@@ -177,7 +181,7 @@ async def release_housekeeper(st: OperatorState, url: str) -> None:
         keeper.stop()
         try:
             await asyncio.wait_for(task, 10)
-        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+        except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
             task.cancel()
 
 
@@ -306,8 +310,15 @@ def _restarts(pod: dict[str, Any]) -> int:
 
 
 def _waiting_reasons(pods: list[dict[str, Any]]) -> list[str]:
-    bad = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull", "CreateContainerConfigError",
-           "InvalidImageName", "CreateContainerError"}
+    bad = {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "InvalidImageName",
+        "CreateContainerError",
+    }
     found = []
     for pod in pods:
         for c in pod.get("status", {}).get("containerStatuses", []) or []:
@@ -318,7 +329,7 @@ def _waiting_reasons(pods: list[dict[str, Any]]) -> list[str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _conditions(previous: list[dict[str, Any]], current: list[Condition]) -> list[dict[str, Any]]:
@@ -358,8 +369,15 @@ async def _ensure_scheduler(
     url = await _database_url(st, namespace, spec)
     settings = _pool_settings(st.settings, spec)
     pool = spec.pool_name(name)
-    key = (url, pool, secret, settings.scheduler_heartbeat, settings.max_operation_processing_time,
-           settings.max_worker_active_time, settings.operation_wait_interval)
+    key = (
+        url,
+        pool,
+        secret,
+        settings.scheduler_heartbeat,
+        settings.max_operation_processing_time,
+        settings.max_worker_active_time,
+        settings.operation_wait_interval,
+    )
     if runtime.scheduler is not None and runtime.scheduler_key == key:
         return
     if runtime.scheduler is not None:
@@ -400,9 +418,13 @@ async def reconcile_once(
     # expired workers: delete the pod, a new one (new UID) replaces it
     for worker in sorted(runtime.expired):
         runtime.expired.discard(worker)
-        kopf.event(body, type="Warning", reason="WorkerExpired",
-                  message=f"worker {worker} was active longer than MAX_WORKER_ACTIVE_TIME: pod deleted and replaced, "
-                          f"its operation recovered")
+        kopf.event(
+            body,
+            type="Warning",
+            reason="WorkerExpired",
+            message=f"worker {worker} was active longer than MAX_WORKER_ACTIVE_TIME: pod deleted and replaced, "
+            f"its operation recovered",
+        )
         metrics.WORKER_RESTARTS.labels(namespace, name, "expired").inc()
         await st.kube.delete_pod(namespace, worker, grace=5)
 
@@ -443,7 +465,12 @@ async def reconcile_once(
                 deleted += 1
                 if action.reason.startswith("pod "):
                     metrics.WORKER_RESTARTS.labels(namespace, name, "pod-finished").inc()
-                    kopf.event(body, type="Warning", reason="WorkerRestarted", message=f"worker pod {action.name}: {action.reason}")
+                    kopf.event(
+                        body,
+                        type="Warning",
+                        reason="WorkerRestarted",
+                        message=f"worker pod {action.name}: {action.reason}",
+                    )
             elif action.kind == "drain":
                 await st.kube.annotate_pod(namespace, action.name, {ANNOTATION_DRAINING: "true"})
                 if scheduler is not None:
@@ -452,13 +479,26 @@ async def reconcile_once(
         except st.kube.ApiException as exc:
             errors.append(f"{action.kind} {action.name or 'pod'}: {exc.status} {exc.reason}")
     if created:
-        kopf.event(body, type="Normal", reason="ScalingUp", message=f"created {created} worker pod(s) (desired {spec.replicas})")
+        kopf.event(
+            body,
+            type="Normal",
+            reason="ScalingUp",
+            message=f"created {created} worker pod(s) (desired {spec.replicas})",
+        )
     if deleted:
-        kopf.event(body, type="Normal", reason="ScalingDown",
-                  message=f"deleted {deleted} worker pod(s): {', '.join(sorted({a.reason for a in decision.actions if a.kind == 'delete'}))}")
+        kopf.event(
+            body,
+            type="Normal",
+            reason="ScalingDown",
+            message=f"deleted {deleted} worker pod(s): {', '.join(sorted({a.reason for a in decision.actions if a.kind == 'delete'}))}",
+        )
     if drained:
-        kopf.event(body, type="Normal", reason="Draining",
-                  message=f"draining {drained} active worker(s): no new work, removed when their operation ends")
+        kopf.event(
+            body,
+            type="Normal",
+            reason="Draining",
+            message=f"draining {drained} active worker(s): no new work, removed when their operation ends",
+        )
     degraded.extend(errors)
     degraded.extend(_waiting_reasons(raw_pods))
 
@@ -484,33 +524,59 @@ async def reconcile_once(
     else:
         p_reason = "Stable"
     conds = [
-        Condition(type="Ready", status="True" if ready else "False",
-                  reason="AllWorkersReady" if ready else "WorkersNotReady",
-                  message=f"{decision.ready}/{spec.replicas} workers ready", observed_generation=generation),
-        Condition(type="Progressing", status="True" if progressing else "False", reason=p_reason,
-                  message=f"{decision.replicas} pods, {decision.updated} of the current template, "
-                          f"{decision.pending} pending, {decision.draining} draining",
-                  observed_generation=generation),
-        Condition(type="Degraded", status="True" if degraded else "False",
-                  reason="Problems" if degraded else "AsExpected",
-                  message="; ".join(degraded)[:4000] if degraded else "", observed_generation=generation),
+        Condition(
+            type="Ready",
+            status="True" if ready else "False",
+            reason="AllWorkersReady" if ready else "WorkersNotReady",
+            message=f"{decision.ready}/{spec.replicas} workers ready",
+            observed_generation=generation,
+        ),
+        Condition(
+            type="Progressing",
+            status="True" if progressing else "False",
+            reason=p_reason,
+            message=f"{decision.replicas} pods, {decision.updated} of the current template, "
+            f"{decision.pending} pending, {decision.draining} draining",
+            observed_generation=generation,
+        ),
+        Condition(
+            type="Degraded",
+            status="True" if degraded else "False",
+            reason="Problems" if degraded else "AsExpected",
+            message="; ".join(degraded)[:4000] if degraded else "",
+            observed_generation=generation,
+        ),
     ]
     status = WorkerPoolStatus(
-        observed_generation=generation, replicas=decision.replicas, ready_replicas=decision.ready,
-        updated_replicas=decision.updated, pending_workers=decision.pending, free_workers=decision.free,
-        active_workers=decision.active, draining_workers=decision.draining, queued_operations=queued,
-        pool=pool, selector=selector_string(name), template_hash=digest,
+        observed_generation=generation,
+        replicas=decision.replicas,
+        ready_replicas=decision.ready,
+        updated_replicas=decision.updated,
+        pending_workers=decision.pending,
+        free_workers=decision.free,
+        active_workers=decision.active,
+        draining_workers=decision.draining,
+        queued_operations=queued,
+        pool=pool,
+        selector=selector_string(name),
+        template_hash=digest,
     ).to_k8s()
     status["conditions"] = _conditions((body.get("status") or {}).get("conditions", []), conds)
-    comparable = {**status, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
-                                          for c in status["conditions"]]}
+    comparable = {
+        **status,
+        "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status["conditions"]],
+    }
     if comparable != runtime.last_status:
         await st.kube.patch_status(namespace, name, status)
         runtime.last_status = comparable
 
     # ----- metrics
-    for worker_state, count in (("pending", decision.pending), ("free", decision.free),
-                                ("active", decision.active), ("draining", decision.draining)):
+    for worker_state, count in (
+        ("pending", decision.pending),
+        ("free", decision.free),
+        ("active", decision.active),
+        ("draining", decision.draining),
+    ):
         metrics.WORKERS.labels(namespace, name, worker_state).set(count)
     metrics.QUEUED.labels(namespace, name, pool).set(queued)
     if scheduler is not None:
@@ -535,7 +601,7 @@ async def workerpool_daemon(
                 runtime.last_status = None
             try:
                 await asyncio.wait_for(runtime.wake.wait(), RECONCILE_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             runtime.wake.clear()
             await asyncio.sleep(0.2)  # coalesce bursts of pod events

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 LOG_FORMATS = ("plain", "full", "json")
 
@@ -22,15 +22,29 @@ LOG_FORMATS = ("plain", "full", "json")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="damops operator", description="Run the damops Kubernetes operator.")
     env_ns = [n for n in os.environ.get("DAMOPS_WATCH_NAMESPACES", "").split(",") if n.strip()]
-    p.add_argument("-n", "--namespace", action="append", default=None,
-                   help="namespace to watch (repeatable; default all namespaces)")
-    p.add_argument("--peering", default=os.environ.get("DAMOPS_PEERING", "damops"),
-                   help="kopf peering object name (guards against a second operator)")
-    p.add_argument("--standalone", action="store_true",
-                   default=os.environ.get("DAMOPS_STANDALONE", "") in ("1", "true", "yes"),
-                   help="no peering (development only)")
-    p.add_argument("--liveness", default=os.environ.get("DAMOPS_LIVENESS", "http://0.0.0.0:8080/healthz"),
-                   help="liveness endpoint URL ('' to disable)")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=None,
+        help="namespace to watch (repeatable; default all namespaces)",
+    )
+    p.add_argument(
+        "--peering",
+        default=os.environ.get("DAMOPS_PEERING", "damops"),
+        help="kopf peering object name (guards against a second operator)",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        default=os.environ.get("DAMOPS_STANDALONE", "") in ("1", "true", "yes"),
+        help="no peering (development only)",
+    )
+    p.add_argument(
+        "--liveness",
+        default=os.environ.get("DAMOPS_LIVENESS", "http://0.0.0.0:8080/healthz"),
+        help="liveness endpoint URL ('' to disable)",
+    )
     p.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get("DAMOPS_LOG_FORMAT", "plain"))
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(env_namespaces=env_ns)

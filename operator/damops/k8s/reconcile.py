@@ -139,9 +139,7 @@ def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int =
             if ready - 1 < desired:
                 continue  # keep capacity until the replacements are ready
             ready -= 1
-            result.actions.append(
-                Action("delete", p.name, "template changed" if not current else "scale down (free)")
-            )
+            result.actions.append(Action("delete", p.name, "template changed" if not current else "scale down (free)"))
             excess -= 1
         else:  # active: drain, never kill – but not merely to make room for surge pods
             if rolling and excess <= len(current_pending):

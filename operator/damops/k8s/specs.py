@@ -115,10 +115,14 @@ def pod_template(name: str, spec: WorkerPoolSpec, default_image: str = DEFAULT_I
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["damops", "sidecar"],
         "args": [
-            "--name", "$(POD_NAME)",
-            "--listen", f"0.0.0.0:{SIDECAR_PORT}",
-            "--socket", SOCKET_PATH,
-            "--health-port", str(HEALTH_PORT),
+            "--name",
+            "$(POD_NAME)",
+            "--listen",
+            f"0.0.0.0:{SIDECAR_PORT}",
+            "--socket",
+            SOCKET_PATH,
+            "--health-port",
+            str(HEALTH_PORT),
         ],
         "env": common_env,
         "ports": [

@@ -11,7 +11,10 @@ from damops.k8s import crdgen
 from damops.k8s.models import WorkerPoolSpec
 
 ROOT = Path(__file__).resolve().parents[3]
-COMMITTED = [ROOT / "crds" / "workerpools.damops.dev.yaml", ROOT / "helm" / "damops" / "crds" / "workerpools.damops.dev.yaml"]
+COMMITTED = [
+    ROOT / "crds" / "workerpools.damops.dev.yaml",
+    ROOT / "helm" / "damops" / "crds" / "workerpools.damops.dev.yaml",
+]
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT)))

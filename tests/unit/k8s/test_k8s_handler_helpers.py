@@ -18,21 +18,39 @@ def test_pool_timings_override_the_operator_defaults() -> None:
 
 def test_pod_info_reads_phase_ip_hash_and_draining() -> None:
     pod = {
-        "metadata": {"name": "p", "uid": "u", "labels": {"damops.dev/template-hash": "abc"},
-                     "annotations": {"damops.dev/draining": "true"}, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "metadata": {
+            "name": "p",
+            "uid": "u",
+            "labels": {"damops.dev/template-hash": "abc"},
+            "annotations": {"damops.dev/draining": "true"},
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
         "status": {"phase": "Running", "podIP": "198.18.0.5"},
     }
     info = _pod_info(pod, {"p": "active"})
     assert (info.template_hash, info.ip, info.draining, info.worker_state, info.terminating) == (
-        "abc", "198.18.0.5", True, "active", False)
+        "abc",
+        "198.18.0.5",
+        True,
+        "active",
+        False,
+    )
     pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
     assert _pod_info(pod, {}).terminating and _pod_info(pod, {}).worker_state is None
 
 
 def test_waiting_reasons_report_broken_pods() -> None:
-    pods = [{"metadata": {"name": "p"}, "status": {"containerStatuses": [
-        {"name": "worker", "state": {"waiting": {"reason": "ErrImageNeverPull"}}},
-        {"name": "sidecar", "state": {"running": {}}}]}}]
+    pods = [
+        {
+            "metadata": {"name": "p"},
+            "status": {
+                "containerStatuses": [
+                    {"name": "worker", "state": {"waiting": {"reason": "ErrImageNeverPull"}}},
+                    {"name": "sidecar", "state": {"running": {}}},
+                ]
+            },
+        }
+    ]
     assert _waiting_reasons(pods) == ["p/worker: ErrImageNeverPull"]
 
 

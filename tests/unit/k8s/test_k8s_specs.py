@@ -38,8 +38,14 @@ def test_worker_pod_has_sidecar_and_worker_sharing_the_socket_dir() -> None:
 def test_pod_is_owned_and_labelled_for_selection() -> None:
     pod = build_worker_pod_spec("wp1", "ns1", "uid-1", WorkerPoolSpec())
     owner = pod["metadata"]["ownerReferences"][0]
-    assert owner == {"apiVersion": "damops.dev/v1alpha1", "kind": "WorkerPool", "name": "wp1", "uid": "uid-1",
-                     "controller": True, "blockOwnerDeletion": True}
+    assert owner == {
+        "apiVersion": "damops.dev/v1alpha1",
+        "kind": "WorkerPool",
+        "name": "wp1",
+        "uid": "uid-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     for k, v in selector_labels("wp1").items():
         assert pod["metadata"]["labels"][k] == v
     assert selector_string("wp1") == "app.kubernetes.io/component=worker,damops.dev/workerpool=wp1"
@@ -55,16 +61,18 @@ def test_template_hash_changes_with_the_template_only() -> None:
 
 
 def test_user_settings_reach_the_pod() -> None:
-    spec = WorkerPoolSpec.model_validate({
-        "pool": "renditions",
-        "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
-        "env": [{"name": "A", "value": "b"}],
-        "envFrom": [{"configMapRef": {"name": "cm"}}],
-        "nodeSelector": {"disk": "ssd"},
-        "tolerations": [{"key": "k", "operator": "Exists"}],
-        "triggerFunctions": {"preload": ["render_rendition"]},
-        "imagePullPolicy": "Never",
-    })
+    spec = WorkerPoolSpec.model_validate(
+        {
+            "pool": "renditions",
+            "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
+            "env": [{"name": "A", "value": "b"}],
+            "envFrom": [{"configMapRef": {"name": "cm"}}],
+            "nodeSelector": {"disk": "ssd"},
+            "tolerations": [{"key": "k", "operator": "Exists"}],
+            "triggerFunctions": {"preload": ["render_rendition"]},
+            "imagePullPolicy": "Never",
+        }
+    )
     pod = build_worker_pod_spec("wp", "ns", "u", spec)
     worker = [c for c in pod["spec"]["containers"] if c["name"] == "worker"][0]
     env = {e["name"]: e.get("value") for e in worker["env"]}
