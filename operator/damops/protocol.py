@@ -90,6 +90,9 @@ class StatusUpdate(_Message):
     error: str | None = None
     # False for errors that a retry cannot fix (unknown trigger function, ...).
     retryable: bool = True
+    # Seconds a retryable failure asks to wait before its next attempt
+    # (``raise Retry(after=...)``); None lets the backoff policy decide.
+    retry_after: float | None = None
 
 
 class Progress(_Message):

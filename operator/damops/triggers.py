@@ -11,6 +11,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -25,6 +26,15 @@ class UnknownTriggerFunction(LookupError):
 
 class PermanentError(Exception):
     """Raise from a trigger function to fail the operation without retrying it."""
+
+
+class Retry(Exception):
+    """Raise from a trigger function to fail this attempt and ask for the next
+    one after ``after`` seconds (or a timedelta), instead of the backoff policy's delay."""
+
+    def __init__(self, message: str = "", *, after: float | timedelta | None = None) -> None:
+        super().__init__(message)
+        self.after = after.total_seconds() if isinstance(after, timedelta) else after
 
 
 @dataclass(frozen=True)

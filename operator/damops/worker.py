@@ -26,7 +26,7 @@ from typing import Any
 
 from damops import protocol
 from damops.protocol import Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
-from damops.triggers import Context, PermanentError, TriggerRegistry, UnknownTriggerFunction, Wait
+from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
 log = logging.getLogger("damops.worker")
 _HEADER = struct.Struct(">I")
@@ -192,6 +192,15 @@ class WorkerRuntime:
                 result = self._loop.run_until_complete(result)
         except PermanentError as exc:
             return failure(f"PermanentError: {exc}", retryable=False)
+        except Retry as exc:
+            return StatusUpdate(
+                id=op.id,
+                attempt=op.attempt,
+                outcome="failure",
+                error=f"Retry: {exc}",
+                retryable=True,
+                retry_after=exc.after,
+            )
         except Exception as exc:  # noqa: BLE001 - any error of user code fails the operation
             log.info("operation %d: %s raised %s: %s", op.id, op.trigger_function, type(exc).__name__, exc)
             return failure(f"{type(exc).__name__}: {exc}", retryable=True)
