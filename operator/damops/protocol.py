@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import secrets
 import struct
 import time
@@ -93,6 +92,8 @@ class StatusUpdate(_Message):
     # Seconds a retryable failure asks to wait before its next attempt
     # (``raise Retry(after=...)``); None lets the backoff policy decide.
     retry_after: float | None = None
+    # The trigger function's traceback for a failure it raised (bounded in size).
+    traceback: str | None = None
 
 
 class Progress(_Message):
@@ -167,12 +168,48 @@ def check_proof(secret: str, challenge: Challenge, hello: Hello) -> None:
         raise ProtocolError("wrong secret: the peer's proof does not match")
 
 
-def is_json_serializable(value: Any) -> str | None:
-    """None when ``value`` is plain JSON, else a message saying why not."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+# Deeper JSON than this is refused at enqueue and in results: every parser on
+# the way (pydantic-core, PostgreSQL's jsonb) has its own, lower-level limit,
+# and a value over one of them would fail far from its cause.
+MAX_JSON_DEPTH = 64
+# Python refuses to print integers of more than 4,300 digits (int_max_str_digits).
+_MAX_JSON_INT = 10**4000
+
+
+def json_problem(value: Any) -> str | None:
+    """None when ``value`` can travel as JSON through every hop (frames, jsonb);
+    else a message naming what is wrong: not JSON (a set, an object), NaN or
+    infinity, nesting deeper than MAX_JSON_DEPTH, or a string PostgreSQL's
+    jsonb cannot store (a NUL character, a lone surrogate)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return f"has a non-string object key {key!r}"
+                    stack.append((key, depth))
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "contains a NUL character, which PostgreSQL cannot store"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "contains a lone surrogate, which is not valid Unicode"
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return f"contains {item!r}, which JSON cannot represent"
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) >= _MAX_JSON_INT:
+                return "contains an integer too large for JSON parsers"
+        elif item is not None and not isinstance(item, bool):
+            return f"contains a {type(item).__name__}, which is not JSON"
     return None
 
 

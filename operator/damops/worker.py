@@ -206,8 +206,8 @@ class WorkerRuntime:
             return failure(f"{type(exc).__name__}: {exc}", retryable=True)
         if isinstance(result, Wait):
             return StatusUpdate(id=op.id, attempt=op.attempt, outcome="wait", error=result.reason or None)
-        if result is not None and not isinstance(result, (str, int, float, bool)):
-            problem = protocol.is_json_serializable(result)
+        if result is not None:
+            problem = protocol.json_problem(result)
             if problem:
                 return failure(
                     f"the result of trigger function {op.trigger_function!r} is not JSON-serializable: {problem}",
