@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Worker processes are separate interpreters: they import the test trigger
 # functions (tests.support.triggers) from the repository root.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+# ...and may run them: module paths run only inside the allow-list.
+os.environ.setdefault("DAMOPS_ALLOWED_TRIGGERS", "tests.support")
 
 
 @pytest.fixture(scope="session")

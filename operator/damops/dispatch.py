@@ -1,8 +1,27 @@
-"""The scheduler's decisions, without I/O (filled in by the dispatch-core work)."""
+"""The scheduler's decisions, without I/O: a table of workers and what each event means.
+
+Every event the scheduler sees (a sidecar's welcome, a worker ready, a
+StatusUpdate, a channel lost, the clock passing MAX_WORKER_ACTIVE_TIME...) is a
+method of :class:`WorkerTable` that changes the table and returns
+:class:`Effects`: frames to send, rows to write, workers to restart or forget.
+The :class:`damops.scheduler.Scheduler` is the I/O shell that applies them.
+
+One rule holds throughout: a worker holds at most one :class:`Lease` (an
+operation at an attempt), and a lease ends exactly once: by its StatusUpdate,
+by being recovered (a retryable failure: it may have run), or by being
+released (back to NEW with its attempt given back: it never reached the
+trigger function). A channel that drops does not end a lease: the sidecar may
+still be running it, so the lease is kept until the sidecar says what became
+of it, or the worker is gone, or it expires.
+"""
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from damops.protocol import Operation, StatusUpdate
 
 
 class WorkerState(str, enum.Enum):
@@ -11,3 +30,332 @@ class WorkerState(str, enum.Enum):
     PENDING = "pending"
     FREE = "free"
     ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An operation held by a worker at an attempt (seed: the worker's one active operation)."""
+
+    id: int
+    attempt: int
+    worker: str
+    trigger_function: str = ""  # unknown for a lease adopted from a sidecar
+    inputs: Any = None
+
+    def operation(self) -> Operation:
+        return Operation(id=self.id, trigger_function=self.trigger_function, inputs=self.inputs, attempt=self.attempt)
+
+
+def failure(lease: Lease, error: str, *, retryable: bool = True) -> StatusUpdate:
+    """The one constructor of a failure StatusUpdate for a lease."""
+    return StatusUpdate(id=lease.id, attempt=lease.attempt, outcome="failure", error=error, retryable=retryable)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A StatusUpdate together with the worker it came from (the row must still be held by it)."""
+
+    update: StatusUpdate
+    worker: str
+
+
+@dataclass
+class Worker:
+    name: str
+    last_touched: float
+    state: WorkerState = WorkerState.PENDING
+    draining: bool = False
+    connected: bool = False
+    lease: Lease | None = None
+    pid: int | None = None
+    boot: str | None = None  # the sidecar process we last spoke to
+
+    @property
+    def claimable(self) -> bool:
+        return self.state is WorkerState.FREE and self.connected and not self.draining and self.lease is None
+
+
+@dataclass
+class Effects:
+    """What the I/O shell must do after an event."""
+
+    send: list[Lease] = field(default_factory=list)  # claimed operations to send to their workers
+    completions: list[Completion] = field(default_factory=list)
+    releases: list[Lease] = field(default_factory=list)
+    restart: list[str] = field(default_factory=list)  # kill and replace the worker process / pod
+    forget: list[str] = field(default_factory=list)  # close the channel, drop the worker
+    wake: bool = False  # run a dispatch cycle soon
+
+    def __iadd__(self, other: Effects) -> Effects:
+        self.send += other.send
+        self.completions += other.completions
+        self.releases += other.releases
+        self.restart += other.restart
+        self.forget += other.forget
+        self.wake = self.wake or other.wake
+        return self
+
+
+@dataclass
+class Stats:
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    waited: int = 0
+    cancelled: int = 0
+    released: int = 0  # hand-overs given back without counting an attempt
+    recovered: int = 0  # leases ended by the scheduler as failures (worker lost, expired)
+    expired_workers: int = 0
+    dropped_channels: int = 0
+    readopted: int = 0  # leases kept across a dropped channel
+    write_errors: int = 0  # StatusUpdates that could not be stored as sent
+    dispatch_latency_seconds_total: float = 0.0
+
+
+class WorkerTable:
+    """Every worker of one scheduler and the one lease each may hold."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Worker] = {}
+        self.stats = Stats()
+        # Leases given back at shutdown: a StatusUpdate for one that still arrives
+        # is not written (the operation is NEW again, maybe already elsewhere).
+        self._released_at_stop: set[tuple[int, int]] = set()
+
+    # --- the worker set -------------------------------------------------
+
+    def add(self, name: str, now: float) -> None:
+        self.workers.setdefault(name, Worker(name, last_touched=now))
+
+    def remove(self, name: str, reason: str) -> Effects:
+        """Forget a worker now (its pod or process is gone). A lease it held may
+        have run: it is recovered as a retryable failure, its attempt counted."""
+        worker = self.workers.pop(name, None)
+        effects = Effects(forget=[name])
+        if worker is not None and worker.lease is not None:
+            effects += self._recover(worker, reason)
+        return effects
+
+    def drain(self, name: str) -> Effects:
+        """No new work for this worker; it is forgotten once it holds no lease."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return Effects()
+        worker.draining = True
+        if worker.lease is None:
+            del self.workers[name]
+            return Effects(forget=[name])
+        return Effects()
+
+    # --- channel events -------------------------------------------------
+
+    def connected(
+        self, name: str, boot: str, busy: tuple[int, int] | None, undelivered: set[int], now: float
+    ) -> Effects:
+        """A sidecar welcomed us. ``busy`` is the (operation, attempt) it is running;
+        ``undelivered`` the ids of StatusUpdates it kept for us (they follow)."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return Effects()
+        effects = Effects()
+        same_sidecar, worker.boot = worker.boot == boot, boot
+        worker.connected = True
+        lease = worker.lease
+        if lease is not None:
+            if busy == (lease.id, lease.attempt) or lease.id in undelivered:
+                self.stats.readopted += 1  # still running, or its StatusUpdate follows
+                worker.last_touched = now
+                return effects
+            worker.lease = None
+            worker.state = WorkerState.PENDING
+            if same_sidecar:
+                # The sidecar never got it (the frame died with the channel): not an attempt.
+                self.stats.released += 1
+                effects.releases.append(lease)
+            else:
+                effects += self._end(worker, lease, f"worker {name}'s sidecar restarted while it held the operation")
+        if busy is not None and worker.lease is None:
+            # Handed out by a scheduler before us: adopt it rather than run it twice.
+            worker.lease = Lease(busy[0], busy[1], name)
+            worker.state = WorkerState.ACTIVE
+            worker.last_touched = now
+            self.stats.readopted += 1
+        elif worker.state is WorkerState.FREE:
+            worker.state = WorkerState.PENDING  # until the sidecar says Ready again
+        return effects
+
+    def channel_lost(self, name: str, now: float) -> Effects:
+        """The channel dropped. The lease stays: the sidecar may still be running it
+        (a reconnect tells), else the worker's removal or expiry recovers it."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return Effects()
+        if worker.connected:
+            self.stats.dropped_channels += 1
+        worker.connected = False
+        if worker.lease is None:
+            worker.state = WorkerState.PENDING
+        return Effects()
+
+    def lost(self, name: str, reason: str, now: float) -> Effects:
+        """The worker's processes are gone for sure (local mode: the sidecar exited)."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return Effects()
+        worker.connected = False
+        effects = self._recover(worker, reason) if worker.lease is not None else Effects()
+        worker.state = WorkerState.PENDING
+        worker.last_touched = now
+        return effects
+
+    def ready(self, name: str, pid: int, now: float) -> Effects:
+        worker = self.workers.get(name)
+        if worker is None:
+            return Effects()
+        worker.pid = pid
+        if worker.state is WorkerState.PENDING and worker.lease is None:
+            worker.state = WorkerState.FREE
+            worker.last_touched = now
+            return Effects(wake=True)
+        return Effects()
+
+    def not_ready(self, name: str, now: float) -> Effects:
+        worker = self.workers.get(name)
+        if worker is not None and worker.lease is None:
+            worker.state = WorkerState.PENDING
+            worker.last_touched = now
+        return Effects()
+
+    def progress(self, name: str, operation_id: int, now: float) -> bool:
+        """True when the progress is about the worker's lease (then it is stored)."""
+        worker = self.workers.get(name)
+        if worker is None or worker.lease is None or worker.lease.id != operation_id:
+            return False
+        worker.last_touched = now
+        return True
+
+    def status(self, name: str, update: StatusUpdate, now: float) -> Effects:
+        """A StatusUpdate from a sidecar: written if it matches a row the worker holds
+        (the database checks that); ends the worker's lease if it is that lease."""
+        worker = self.workers.get(name)
+        if (update.id, update.attempt) in self._released_at_stop:
+            return Effects()
+        effects = Effects(wake=True)
+        if not update.executed:
+            # Refused before it reached the trigger function (the worker was busy or
+            # not ready): back to NEW with its attempt given back.
+            self.stats.released += 1
+            effects.releases.append(Lease(update.id, update.attempt, name))
+        else:
+            effects.completions.append(Completion(update, name))
+        if worker is None or worker.lease is None or worker.lease.id != update.id:
+            return effects
+        worker.lease = None
+        worker.state = WorkerState.FREE if worker.connected else WorkerState.PENDING
+        worker.last_touched = now
+        if worker.draining:
+            del self.workers[name]
+            effects.forget.append(name)
+        return effects
+
+    # --- the dispatch cycle ----------------------------------------------
+
+    def claimable(self) -> list[str]:
+        return [w.name for w in self.workers.values() if w.claimable]
+
+    def assign(self, lease: Lease, now: float) -> Effects:
+        """A claimed operation: send it, or give it back when its worker went away meanwhile."""
+        worker = self.workers.get(lease.worker)
+        if worker is None or not worker.claimable:
+            self.stats.released += 1
+            return Effects(releases=[lease])
+        worker.lease = lease
+        worker.state = WorkerState.ACTIVE
+        worker.last_touched = now
+        self.stats.claimed += 1
+        return Effects(send=[lease])
+
+    def undeliverable(self, lease: Lease, error: str) -> Effects:
+        """A claimed operation that cannot be put in a frame: FAILED, no retry."""
+        worker = self.workers.get(lease.worker)
+        if worker is not None and worker.lease == lease:
+            worker.lease = None
+            worker.state = WorkerState.FREE
+        return Effects(completions=[Completion(failure(lease, error, retryable=False), lease.worker)], wake=True)
+
+    def expire(self, now: float, limit: float) -> Effects:
+        """Seed: an expired worker (active, no progress for longer than
+        MAX_WORKER_ACTIVE_TIME) is restarted and its operation recovered."""
+        effects = Effects()
+        for worker in list(self.workers.values()):
+            if worker.lease is not None and now - worker.last_touched > limit:
+                self.stats.expired_workers += 1
+                effects += self._recover(
+                    worker, f"worker {worker.name} expired: active for longer than MAX_WORKER_ACTIVE_TIME ({limit:g}s)"
+                )
+                worker.state = WorkerState.PENDING
+                worker.last_touched = now
+                effects.restart.append(worker.name)
+        return effects
+
+    def leases(self) -> list[Lease]:
+        return [w.lease for w in self.workers.values() if w.lease is not None]
+
+    def release_all(self) -> Effects:
+        """At shutdown: every unfinished lease back to NEW, its attempt given back."""
+        effects = Effects()
+        for worker in self.workers.values():
+            if worker.lease is not None:
+                self.stats.released += 1
+                effects.releases.append(worker.lease)
+                self._released_at_stop.add((worker.lease.id, worker.lease.attempt))
+                worker.lease = None
+                worker.state = WorkerState.PENDING
+        return effects
+
+    # --- internals ----------------------------------------------------------
+
+    def _recover(self, worker: Worker, reason: str) -> Effects:
+        lease, worker.lease = worker.lease, None
+        if lease is None:
+            return Effects()
+        return self._end(worker, lease, reason)
+
+    def _end(self, worker: Worker, lease: Lease, reason: str) -> Effects:
+        self.stats.recovered += 1
+        return Effects(completions=[Completion(failure(lease, reason), worker.name)], wake=True)
+
+    def count(self, state: WorkerState) -> int:
+        return sum(1 for w in self.workers.values() if w.state is state)
+
+
+@dataclass
+class PendingWrites:
+    """What the next cycle writes: StatusUpdates, progress, give-backs.
+    Taken as a whole by a cycle, and put back if the cycle failed."""
+
+    completions: list[Completion] = field(default_factory=list)
+    progress: dict[int, tuple[str | None, float | None]] = field(default_factory=dict)
+    releases: list[Lease] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.completions or self.progress or self.releases)
+
+    def take(self) -> PendingWrites:
+        taken = PendingWrites(self.completions, self.progress, self.releases)
+        self.completions, self.progress, self.releases = [], {}, []
+        return taken
+
+    def put_back(self, taken: PendingWrites) -> None:
+        """Replaying is safe: every statement checks the row is still held by that worker and attempt."""
+        self.completions[:0] = taken.completions
+        self.progress = {**taken.progress, **self.progress}
+        self.releases[:0] = taken.releases
+
+    def add(self, effects: Effects) -> None:
+        self.completions += effects.completions
+        self.releases += effects.releases
+
+    def operation_ids(self) -> set[int]:
+        return {c.update.id for c in self.completions} | {lease.id for lease in self.releases}

@@ -1,8 +1,11 @@
 """Local mode: N sidecar+worker pairs as child processes of ``damops run``.
 
 The supervisor starts every pair before any operation arrives (pre-heating),
-hands each sidecar's address to the scheduler, restarts whatever dies, and
-kills the worker of an expired worker (the scheduler asks it to).
+hands each sidecar's address to the scheduler, restarts whatever dies (with
+an exponential back-off while a pair keeps crashing), and kills the worker of
+an expired worker when the scheduler asks. The children die with ``damops
+run`` however it dies (:mod:`damops.lifeline`), and a new run recovers at once
+what a dead one left PROCESSING.
 """
 
 from __future__ import annotations
@@ -16,11 +19,47 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from damops.lifeline import PARENT_ENV
 from damops.scheduler import Scheduler
 
 log = logging.getLogger("damops.local")
+
+# A process that lived shorter than this crashed at start: back off before the next try.
+STABLE_AFTER_SECONDS = 10.0
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 30.0
+
+
+def restart_delay(consecutive_crashes: int) -> float:
+    """0 for the first restart, then 0.5 s doubling up to 30 s."""
+    if consecutive_crashes <= 1:
+        return 0.0
+    return min(BACKOFF_FIRST_SECONDS * 2 ** (consecutive_crashes - 2), BACKOFF_MAX_SECONDS)
+
+
+def abandoned_by_dead_run(worker: str, hostname: str, alive: Callable[[int], bool]) -> bool:
+    """Worker names are ``{hostname}-{pid of damops run}-w{n}``: the worker of a
+    run on this host whose process is gone."""
+    rest = worker.removeprefix(f"{hostname}-")
+    pid_text, _, index = rest.partition("-w")
+    if rest == worker or not pid_text.isdigit() or not index.isdigit():
+        return False
+    pid = int(pid_text)
+    return pid != os.getpid() and not alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -30,8 +69,10 @@ class LocalPair:
     port: int = 0
     sidecar: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    worker_pids: list[int] = field(default_factory=list)
+    started: float = 0.0  # when the worker was last started
+    crashes: int = 0  # consecutive short-lived runs
+    not_before: float = 0.0  # no restart before this time (back-off)
+    last_cause: str = ""
 
     @property
     def socket_path(self) -> str:
@@ -45,7 +86,8 @@ class LocalSupervisor:
         self.scheduler = scheduler
         self.count = count
         self.secret = secret
-        self.prefix = name_prefix or f"{socket.gethostname()}-{os.getpid()}"
+        self.hostname = socket.gethostname()
+        self.prefix = name_prefix or f"{self.hostname}-{os.getpid()}"
         self.log_level = log_level
         self.pairs: dict[str, LocalPair] = {}
         self._root = tempfile.mkdtemp(prefix="damops-workers-")
@@ -56,12 +98,18 @@ class LocalSupervisor:
         env = dict(os.environ)
         env["DAMOPS_SECRET"] = self.secret
         env["DAMOPS_LOG_LEVEL"] = self.log_level
+        env[PARENT_ENV] = str(os.getpid())
         return env
 
     def _command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "damops", *args]
 
     async def start(self) -> None:
+        await self.scheduler.recover_abandoned(
+            f"{self.hostname}-",
+            lambda worker: abandoned_by_dead_run(worker, self.hostname, pid_alive),
+            "its damops run died while the operation ran",
+        )
         for index in range(1, self.count + 1):
             name = f"{self.prefix}-w{index}"
             pair = LocalPair(name, os.path.join(self._root, f"w{index}"))
@@ -72,6 +120,10 @@ class LocalSupervisor:
             self.scheduler.add_worker(name, "127.0.0.1", pair.port)
         self.scheduler.on_worker_expired = self.kill_worker
         self._monitor = asyncio.create_task(self._watch())
+
+    def crash_looping(self) -> list[str]:
+        """Pairs that are waiting out a back-off after crashing again and again."""
+        return [pair.name for pair in self.pairs.values() if pair.crashes > 1]
 
     def _start_sidecar(self, pair: LocalPair) -> None:
         # We bind the port and pass the socket: no race for a free port.
@@ -98,33 +150,56 @@ class LocalSupervisor:
             env=self._env(),
             start_new_session=True,
         )
-        pair.worker_pids.append(pair.worker.pid)
+        pair.started = time.monotonic()
 
     async def kill_worker(self, name: str) -> None:
-        """Expired worker: kill its process; the watcher starts a new one."""
+        """Expired worker (or a shutdown past its grace): kill its process and wait
+        until it is gone, so it cannot finish the operation later; the watcher starts a new one."""
         pair = self.pairs.get(name)
         if pair and pair.worker and pair.worker.poll() is None:
-            log.warning("killing expired worker %s (pid %d)", name, pair.worker.pid)
+            log.warning("killing worker %s (pid %d)", name, pair.worker.pid)
             pair.worker.kill()
+            await asyncio.to_thread(pair.worker.wait)
+
+    def _note_exit(self, pair: LocalPair, what: str, code: int | None) -> None:
+        """Count a crash for the back-off; log the cause once per change."""
+        now = time.monotonic()
+        pair.crashes = pair.crashes + 1 if now - pair.started < STABLE_AFTER_SECONDS else 1
+        pair.not_before = now + restart_delay(pair.crashes)
+        cause = f"{what} exited ({code})"
+        if cause != pair.last_cause:
+            log.warning("%s of %s; restarting it", cause, pair.name)
+            pair.last_cause = cause
+        if pair.crashes > 1:
+            log.debug(
+                "%s crashed %d times in a row: next start in %.1fs", pair.name, pair.crashes, pair.not_before - now
+            )
 
     async def _watch(self) -> None:
         while not self._stopping:
             await asyncio.sleep(0.2)
+            now = time.monotonic()
             for pair in self.pairs.values():
                 if self._stopping:
                     return
                 if pair.sidecar is not None and pair.sidecar.poll() is not None:
-                    log.warning("sidecar %s exited (%s); restarting the pair", pair.name, pair.sidecar.returncode)
+                    code = pair.sidecar.returncode
                     if pair.worker is not None and pair.worker.poll() is None:
                         pair.worker.kill()
-                        pair.worker.wait()
+                        await asyncio.to_thread(pair.worker.wait)
+                    self.scheduler.worker_lost(pair.name, f"worker {pair.name}'s sidecar exited ({code})")
+                    self._note_exit(pair, "sidecar", code)
+                    pair.sidecar = pair.worker = None
+                elif pair.worker is not None and pair.worker.poll() is not None:
+                    self._note_exit(pair, "worker", pair.worker.returncode)
+                    pair.worker = None
+                if pair.sidecar is None and now >= pair.not_before:
                     self._start_sidecar(pair)
                     self._start_worker(pair)
-                    pair.restarts += 1
-                elif pair.worker is not None and pair.worker.poll() is not None:
-                    log.warning("worker %s exited (%s); restarting it", pair.name, pair.worker.returncode)
+                elif pair.worker is None and pair.sidecar is not None and now >= pair.not_before:
                     self._start_worker(pair)
-                    pair.restarts += 1
+                elif pair.crashes and now - pair.started > STABLE_AFTER_SECONDS:
+                    pair.crashes, pair.last_cause = 0, ""
 
     async def stop(self) -> None:
         self._stopping = True

@@ -19,12 +19,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Literal[1] = 1
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 HEARTBEAT_INTERVAL = 2.0
 # A peer that sent nothing (not even a heartbeat) for this long is dead.
 HEARTBEAT_TIMEOUT = 10.0
 _HEADER = struct.Struct(">I")
+# Before a peer has proven it knows the secret, it may send only this much:
+# an unauthenticated connection cannot make us buffer a full frame.
+HANDSHAKE_MAX_FRAME_BYTES = 4096
 
 
 class ProtocolError(Exception):
@@ -55,6 +58,11 @@ class Welcome(_Message):
     worker: str
     busy_operation: int | None = None
     busy_attempt: int | None = None
+    # A new value per sidecar process: a scheduler can tell a sidecar that
+    # restarted (and forgot its operation) from one that only lost a channel.
+    boot: str = ""
+    # Ids of the StatusUpdates kept for the scheduler; they follow this message.
+    undelivered: list[int] = Field(default_factory=list)
 
 
 class Ready(_Message):
@@ -94,6 +102,9 @@ class StatusUpdate(_Message):
     retry_after: float | None = None
     # The trigger function's traceback for a failure it raised (bounded in size).
     traceback: str | None = None
+    # False when the operation was refused before it reached the trigger
+    # function (worker busy or not ready): it goes back without using an attempt.
+    executed: bool = True
 
 
 class Progress(_Message):
@@ -164,7 +175,8 @@ def new_challenge() -> Challenge:
 
 
 def check_proof(secret: str, challenge: Challenge, hello: Hello) -> None:
-    if not hmac.compare_digest(make_proof(secret, challenge.nonce), hello.proof):
+    # As bytes: compare_digest refuses non-ASCII str, and a peer chooses the proof.
+    if not hmac.compare_digest(make_proof(secret, challenge.nonce).encode(), hello.proof.encode()):
         raise ProtocolError("wrong secret: the peer's proof does not match")
 
 
@@ -282,7 +294,8 @@ class Channel:
         """Listening side: challenge the peer and check its proof and role."""
         challenge = new_challenge()
         await self.send(challenge)
-        hello = await self.receive(timeout=HEARTBEAT_TIMEOUT)
+        async with asyncio.timeout(HEARTBEAT_TIMEOUT):
+            hello, _ = await read_frame(self.reader, HANDSHAKE_MAX_FRAME_BYTES)
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected hello, got {hello.type}")
         check_proof(secret, challenge, hello)
@@ -302,9 +315,16 @@ async def heartbeat_loop(channel: Channel) -> None:
     """Send a Heartbeat every HEARTBEAT_INTERVAL, and close the channel once
     the peer has been silent for HEARTBEAT_TIMEOUT (its reader then fails)."""
     try:
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
-            if time.monotonic() - channel.last_seen > HEARTBEAT_TIMEOUT:
+            now = time.monotonic()
+            if now - tick > 2 * HEARTBEAT_INTERVAL:
+                # We were not running (SIGSTOP, a stalled host): the peer's silence
+                # is ours. Judge it afresh from now rather than drop a healthy peer.
+                channel.last_seen = max(channel.last_seen, now - HEARTBEAT_INTERVAL)
+            tick = now
+            if now - channel.last_seen > HEARTBEAT_TIMEOUT:
                 channel.silent_reason = f"peer silent for {HEARTBEAT_TIMEOUT:.0f}s (no heartbeat)"
                 channel.writer.close()
                 return

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
-from dataclasses import dataclass
 
 from damops import protocol
+from damops.lifeline import die_with_parent
 from damops.loop import run as run_loop
 from damops.protocol import (
     Heartbeat,
@@ -35,12 +36,6 @@ from damops.protocol import (
 log = logging.getLogger("damops.sidecar")
 
 
-@dataclass
-class _Assignment:
-    operation_id: int
-    attempt: int
-
-
 class Sidecar:
     def __init__(
         self, name: str, secret: str, socket_path: str, max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES
@@ -52,9 +47,10 @@ class Sidecar:
         self.worker: protocol.Channel | None = None
         self.worker_ready: Ready | None = None
         self.scheduler: protocol.Channel | None = None
-        self.assignment: _Assignment | None = None
+        self.assignment: Operation | None = None  # what the worker is running
         self.undelivered: list[StatusUpdate] = []
         self.stopped = asyncio.Event()
+        self.boot = secrets.token_hex(8)
 
     # --- servers -----------------------------------------------------------
 
@@ -110,7 +106,7 @@ class Sidecar:
             while True:
                 message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, StatusUpdate):
-                    if self.assignment and self.assignment.operation_id == message.id:
+                    if self.assignment and self.assignment.id == message.id:
                         self.assignment = None
                     self._deliver(message, frame)
                 elif isinstance(message, Progress):
@@ -133,7 +129,7 @@ class Sidecar:
                 lost, self.assignment = self.assignment, None
                 self._deliver(
                     StatusUpdate(
-                        id=lost.operation_id,
+                        id=lost.id,
                         attempt=lost.attempt,
                         outcome="failure",
                         error=f"worker process lost while running the operation ({reason})",
@@ -157,7 +153,13 @@ class Sidecar:
             await previous.close()
         busy = self.assignment
         channel.send_nowait(
-            Welcome(worker=self.name, busy_operation=busy and busy.operation_id, busy_attempt=busy and busy.attempt)
+            Welcome(
+                worker=self.name,
+                busy_operation=busy.id if busy else None,
+                busy_attempt=busy.attempt if busy else None,
+                boot=self.boot,
+                undelivered=[update.id for update in self.undelivered],
+            )
         )
         for update in self.undelivered:
             channel.send_nowait(update)
@@ -197,10 +199,11 @@ class Sidecar:
                     outcome="failure",
                     error=f"worker {self.name} is {state}",
                     retryable=True,
+                    executed=False,
                 )
             )
             return
-        self.assignment = _Assignment(op.id, op.attempt)
+        self.assignment = op
         self.worker.send_frame_nowait(frame)
 
     def _deliver(self, update: StatusUpdate, frame: bytes | None = None) -> None:
@@ -247,6 +250,7 @@ class Sidecar:
 def main(
     name: str, secret: str, socket_path: str, listen: str | None, listen_fd: int | None, health_port: int | None
 ) -> None:
+    die_with_parent()
     host, port = None, None
     if listen:
         host, _, port_text = listen.rpartition(":")

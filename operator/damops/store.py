@@ -8,14 +8,12 @@ a newer state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import psycopg
 from psycopg.types.json import Jsonb
 
-from damops.protocol import StatusUpdate
+from damops.dispatch import Completion, Lease
 
 CLAIM_SQL = """
 UPDATE damops.operations AS o
@@ -63,7 +61,24 @@ UPDATE damops.operations SET updated = now()
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING'
 """
 
-# Shutdown: unfinished operations go back to NEW without using up an attempt.
+# After a connection error in a cycle the claim may or may not have committed:
+# rows PROCESSING for workers that were free when it was sent can only come
+# from that claim (minus those whose StatusUpdate is still to be written).
+RESOLVE_CLAIMS_SQL = """
+SELECT id, trigger_function, inputs, attempts, worker FROM damops.operations
+WHERE status = 'PROCESSING' AND pool = %(pool)s AND worker = ANY(%(workers)s::text[])
+  AND NOT id = ANY(%(settled)s::bigint[])
+"""
+
+# Operations left PROCESSING by workers of a local run that died (their
+# processes died with it): recovered as retryable failures at start-up.
+HELD_BY_SQL = """
+SELECT id, attempts, worker FROM damops.operations
+WHERE status = 'PROCESSING' AND pool = %(pool)s AND worker LIKE %(prefix)s
+"""
+
+# Shutdown, and hand-overs that never reached the trigger function: back to
+# NEW without using up an attempt.
 RELEASE_SQL = """
 UPDATE damops.operations AS o
 SET status = 'NEW', attempts = greatest(o.attempts - 1, 0), worker = NULL, updated = now(),
@@ -74,35 +89,8 @@ RETURNING o.id
 """
 
 
-@dataclass(frozen=True)
-class Claimed:
-    id: int
-    trigger_function: str
-    inputs: Any
-    attempt: int
-    worker: str
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A StatusUpdate together with who sent it."""
-
-    update: StatusUpdate
-    worker: str
-
-
 def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dict[str, Any]:
     return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
-
-
-async def claim(
-    conn: psycopg.AsyncConnection, pool: str, workers: Sequence[str], wait_interval: float
-) -> list[Claimed]:
-    """Claim up to len(workers) operations, the i-th for workers[i]."""
-    if not workers:
-        return []
-    cur = await conn.execute(CLAIM_SQL, claim_params(pool, workers, wait_interval))
-    return [Claimed(*row) for row in await cur.fetchall()]
 
 
 def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
@@ -118,10 +106,25 @@ def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
     }
 
 
-def release_params(held: Sequence[tuple[int, int, str]], reason: str) -> dict[str, Any]:
+def touch_params(progress: Mapping[int, tuple[str | None, float | None]]) -> dict[str, Any]:
+    """Progress reported per operation id: (message, fraction), the latest of each."""
     return {
-        "ids": [h[0] for h in held],
-        "attempts": [h[1] for h in held],
-        "workers": [h[2] for h in held],
+        "ids": list(progress),
+        "messages": [message for message, _ in progress.values()],
+        "fractions": [fraction for _, fraction in progress.values()],
+    }
+
+
+def release_params(leases: Sequence[Lease], reason: str) -> dict[str, Any]:
+    return {
+        "ids": [lease.id for lease in leases],
+        "attempts": [lease.attempt for lease in leases],
+        "workers": [lease.worker for lease in leases],
         "reason": reason,
     }
+
+
+def lease_from_claim(row: Sequence[Any]) -> Lease:
+    """A row of CLAIM_SQL or RESOLVE_CLAIMS_SQL as the lease it gives its worker."""
+    op_id, trigger_function, inputs, attempt, worker = row
+    return Lease(op_id, attempt, worker, trigger_function, inputs)

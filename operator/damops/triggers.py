@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -59,15 +60,41 @@ class Context:
         self._report_progress(message, fraction)
 
 
-class TriggerRegistry:
-    """Resolves names to callables once and remembers them."""
+ALLOWED_ENV = "DAMOPS_ALLOWED_TRIGGERS"
+# The shipped examples may always run by path too.
+ALWAYS_ALLOWED = ("damops.examples",)
 
-    def __init__(self) -> None:
+
+def allowed_prefixes(text: str | None) -> tuple[str, ...]:
+    """DAMOPS_ALLOWED_TRIGGERS: comma-separated modules (``mypackage.thumbs``, which
+    allows its submodules too) or exact ``module:function`` paths."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def path_allowed(name: str, prefixes: tuple[str, ...]) -> bool:
+    """May ``module:function`` run? Only when its module is listed (or is inside a
+    listed package), or the exact path is: anyone who can insert a row must not
+    be able to run ``os:system`` on every worker."""
+    module = name.partition(":")[0]
+    for prefix in prefixes:
+        if ":" in prefix:
+            if name == prefix:
+                return True
+        elif module == prefix or module.startswith(prefix.rstrip(".") + "."):
+            return True
+    return False
+
+
+class TriggerRegistry:
+    """Resolves names to callables once and remembers them. Entry points of the
+    ``damops.trigger_functions`` group always may run; ``module:function``
+    paths only inside the allow-list (``allowed``, default DAMOPS_ALLOWED_TRIGGERS)."""
+
+    def __init__(self, allowed: tuple[str, ...] | None = None) -> None:
         self._cache: dict[str, Callable[..., Any]] = {}
         self._entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-    def names(self) -> list[str]:
-        return sorted(self._entry_points)
+        listed = allowed if allowed is not None else allowed_prefixes(os.environ.get(ALLOWED_ENV))
+        self.allowed = ALWAYS_ALLOWED + listed
 
     def resolve(self, name: str) -> Callable[..., Any]:
         if name in self._cache:
@@ -80,14 +107,23 @@ class TriggerRegistry:
 
     def _load(self, name: str) -> Any:
         if name in self._entry_points:
-            return self._entry_points[name].load()
+            try:
+                return self._entry_points[name].load()
+            except Exception as exc:  # noqa: BLE001 - a broken package fails its operations, not the worker
+                raise UnknownTriggerFunction(name, f"loading its entry point raised {_describe(exc)}") from None
         module_name, sep, attribute = name.partition(":")
         if not sep or not module_name or not attribute:
             raise UnknownTriggerFunction(name)
+        if not path_allowed(name, self.allowed):
+            raise UnknownTriggerFunction(
+                name, f"not allowed: only registered trigger functions and modules listed in {ALLOWED_ENV} may run"
+            )
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise UnknownTriggerFunction(name, f"cannot import {module_name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - SyntaxError, or anything the module raises at import
+            raise UnknownTriggerFunction(name, f"importing {module_name} raised {_describe(exc)}") from None
         try:
             target: Any = module
             for part in attribute.split("."):
@@ -95,3 +131,7 @@ class TriggerRegistry:
         except AttributeError:
             raise UnknownTriggerFunction(name, f"{module_name} has no {attribute}") from None
         return target
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -20,11 +20,13 @@ import socket
 import struct
 import threading
 import time
+import traceback as tb
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from damops import protocol
+from damops.lifeline import die_with_parent
 from damops.protocol import Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
 from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
@@ -172,10 +174,13 @@ class WorkerRuntime:
         return report
 
     def handle(self, op: Operation) -> StatusUpdate:
-        """Run one operation; every outcome becomes exactly one StatusUpdate."""
+        """Run one operation; every outcome becomes exactly one StatusUpdate
+        that can be sent and stored, whatever the trigger function did."""
 
-        def failure(error: str, retryable: bool) -> StatusUpdate:
-            return StatusUpdate(id=op.id, attempt=op.attempt, outcome="failure", error=error, retryable=retryable)
+        def failure(error: str, retryable: bool, **extra: Any) -> StatusUpdate:
+            return StatusUpdate(
+                id=op.id, attempt=op.attempt, outcome="failure", error=clean_text(error), retryable=retryable, **extra
+            )
 
         try:
             target = self._resolve(op.trigger_function)
@@ -191,44 +196,57 @@ class WorkerRuntime:
                     self._loop = asyncio.new_event_loop()
                 result = self._loop.run_until_complete(result)
         except PermanentError as exc:
-            return failure(f"PermanentError: {exc}", retryable=False)
+            return failure(f"PermanentError: {describe(exc)}", retryable=False)
         except Retry as exc:
-            return StatusUpdate(
-                id=op.id,
-                attempt=op.attempt,
-                outcome="failure",
-                error=f"Retry: {exc}",
-                retryable=True,
-                retry_after=exc.after,
-            )
-        except Exception as exc:  # noqa: BLE001 - any error of user code fails the operation
-            log.info("operation %d: %s raised %s: %s", op.id, op.trigger_function, type(exc).__name__, exc)
-            return failure(f"{type(exc).__name__}: {exc}", retryable=True)
+            return failure(f"Retry: {describe(exc)}", retryable=True, retry_after=exc.after)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - any error of user code fails the operation
+            log.info("operation %d: %s raised %s", op.id, op.trigger_function, describe(exc))
+            return failure(describe(exc), retryable=True, traceback=clean_text(tb.format_exc(), TRACEBACK_LIMIT))
         if isinstance(result, Wait):
-            return StatusUpdate(id=op.id, attempt=op.attempt, outcome="wait", error=result.reason or None)
-        if result is not None:
-            problem = protocol.json_problem(result)
-            if problem:
-                return failure(
-                    f"the result of trigger function {op.trigger_function!r} is not JSON-serializable: {problem}",
-                    retryable=False,
-                )
+            return StatusUpdate(id=op.id, attempt=op.attempt, outcome="wait", error=clean_text(result.reason) or None)
+        problem = protocol.json_problem(result)
+        if problem:
+            return failure(
+                f"the result of trigger function {op.trigger_function!r} is not JSON-serializable: {problem}",
+                retryable=False,
+            )
         return StatusUpdate(id=op.id, attempt=op.attempt, outcome="success", result=result)
 
     def _frame(self, update: StatusUpdate) -> bytes:
-        """Encode once; a result too large for one frame fails the operation instead of the channel."""
+        """Encode once; a result that cannot be put in a frame fails the operation instead of the channel."""
         try:
             return protocol.encode(update, self.max_frame_bytes)
-        except protocol.ProtocolError as exc:
+        except Exception as exc:  # noqa: BLE001 - too large, or an encoder error
+            reason = (
+                f"result too large: {exc}"
+                if isinstance(exc, protocol.ProtocolError)
+                else (f"the result could not be encoded: {describe(exc)}")
+            )
             return protocol.encode(
                 StatusUpdate(
-                    id=update.id,
-                    attempt=update.attempt,
-                    outcome="failure",
-                    error=f"result too large: {exc}",
-                    retryable=False,
+                    id=update.id, attempt=update.attempt, outcome="failure", error=clean_text(reason), retryable=False
                 )
             )
+
+
+# Errors and tracebacks are stored with the operation: bounded, and cleaned of
+# what PostgreSQL's text type refuses (NUL) or UTF-8 cannot hold (lone surrogates).
+ERROR_LIMIT = 4000
+TRACEBACK_LIMIT = 16000
+
+
+def clean_text(text: str, limit: int = ERROR_LIMIT) -> str:
+    cleaned = text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
+    return cleaned if len(cleaned) <= limit else "…" + cleaned[-(limit - 1) :]
+
+
+def describe(exc: BaseException) -> str:
+    """``TypeName: message``, even for an exception whose __str__ raises."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001
+        message = "<its message could not be printed>"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _takes_context(function: Any) -> bool:
@@ -244,4 +262,5 @@ def _takes_context(function: Any) -> bool:
 
 
 def main(socket_path: str, secret: str, name: str | None = None) -> None:
+    die_with_parent()
     WorkerRuntime(socket_path, secret, name).run()

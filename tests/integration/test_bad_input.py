@@ -22,7 +22,7 @@ def test_unknown_trigger_function_fails_with_its_name(database_url):
             with psycopg.connect(database_url) as conn:
                 ids = [
                     enqueue(conn, "no_such_function"),
-                    enqueue(conn, "no_such_module:fn"),
+                    enqueue(conn, "tests.support.no_such_module:fn"),
                     enqueue(conn, "damops.examples:missing"),
                 ]
             await wait_final(database_url, ids)
@@ -32,7 +32,7 @@ def test_unknown_trigger_function_fails_with_its_name(database_url):
     errors = [row(database_url, i) for i in ids]
     assert all(r["status"] == "FAILED" and r["attempts"] == 1 for r in errors)  # not retried
     assert errors[0]["error"] == "unknown trigger function 'no_such_function'"
-    assert errors[1]["error"].startswith("unknown trigger function 'no_such_module:fn' (cannot import")
+    assert errors[1]["error"].startswith("unknown trigger function 'tests.support.no_such_module:fn' (cannot import")
     assert errors[2]["error"].startswith("unknown trigger function 'damops.examples:missing'")
 
 

@@ -94,8 +94,9 @@ def test_claim_takes_each_operation_once_across_concurrent_claimers(conn):
     async def claimer(name):
         got = []
         async with await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True) as aconn:
-            while batch := await store.claim(aconn, "default", [f"{name}-{i}" for i in range(7)], 30):
-                got += [c.id for c in batch]
+            params = store.claim_params("default", [f"{name}-{i}" for i in range(7)], 30)
+            while batch := await (await aconn.execute(store.CLAIM_SQL, params)).fetchall():
+                got += [store.lease_from_claim(row).id for row in batch]
         return got
 
     async def race():

@@ -129,9 +129,8 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
     """The operator-restart case: scheduler A dies without any cleanup while its
     workers run; scheduler B connects to the same sidecars, learns what each is
     busy with, and records the results: no operation lost or run twice."""
-    from engine import SECRET
-
     from damops.scheduler import Scheduler
+    from tests.support.engine import SECRET
 
     log_file = tmp_path / "executions.log"
 
@@ -148,10 +147,10 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
                 )
             await wait_until(lambda: first.snapshot().active == 2, 10, "both workers active")
             # A dies: its tasks and channels vanish, nothing is written back.
-            for task in first._tasks + [h.task for h in first.workers.values()]:
+            for task in first._loops + list(first._channel_tasks.values()):
                 task.cancel()
             first._stopping = True
-            first.workers.clear()
+            first.table.workers.clear()
             second = Scheduler(settings(worker_count=2), database_url, secret=SECRET)
             await second.start()
             for pair in engine.supervisor.pairs.values():

@@ -134,7 +134,8 @@ def test_wait_operation_is_not_claimed_before_the_wait_interval(conn):
 
     async def claim():
         async with await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True) as aconn:
-            return await store.claim(aconn, "default", ["w1"], wait_interval=60)
+            cur = await aconn.execute(store.CLAIM_SQL, store.claim_params("default", ["w1"], wait_interval=60))
+            return [store.lease_from_claim(row) for row in await cur.fetchall()]
 
     assert asyncio.run(claim()) == []  # WAIT for 0 s of a 60 s interval: not claimable
     _age(conn, waiting, "updated", 61)
