@@ -113,6 +113,26 @@ class Stats:
     dispatch_latency_seconds_total: float = 0.0
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    name: str
+    state: str
+    draining: bool
+    operation_id: int | None
+    last_touched_seconds_ago: float
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    pending: int
+    free: int
+    active: int
+    draining: int
+    workers: list[WorkerView]
+    stats: dict[str, int | float]
+
+
 class WorkerTable:
     """Every worker of one scheduler and the one lease each may hold."""
 
@@ -328,6 +348,28 @@ class WorkerTable:
 
     def count(self, state: WorkerState) -> int:
         return sum(1 for w in self.workers.values() if w.state is state)
+
+    def snapshot(self, now: float) -> Snapshot:
+        workers = self.workers.values()
+        views = [
+            WorkerView(
+                w.name,
+                w.state.value,
+                w.draining,
+                w.lease.id if w.lease else None,
+                round(now - w.last_touched, 3),
+                w.pid,
+            )
+            for w in workers
+        ]
+        return Snapshot(
+            pending=self.count(WorkerState.PENDING),
+            free=self.count(WorkerState.FREE),
+            active=self.count(WorkerState.ACTIVE),
+            draining=sum(1 for w in workers if w.draining),
+            workers=views,
+            stats=dict(self.stats.__dict__),
+        )
 
 
 @dataclass

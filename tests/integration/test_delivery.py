@@ -147,7 +147,7 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
                 )
             await wait_until(lambda: first.snapshot().active == 2, 10, "both workers active")
             # A dies: its tasks and channels vanish, nothing is written back.
-            for task in first._loops + list(first._channel_tasks.values()):
+            for task in [*first._loops, *first._channels._tasks.values()]:
                 task.cancel()
             first._stopping = True
             first.table.workers.clear()

@@ -1,0 +1,191 @@
+"""The scheduler's database side: one pipelined transaction per dispatch cycle.
+
+A cycle writes the buffered StatusUpdates, progress and give-backs, then
+claims one operation per free worker; one round trip, one commit (one WAL
+flush) whatever the number of workers.
+
+Two kinds of failure are told apart:
+
+* the connection failed (a restarted server, a terminated backend): the
+  COMMIT may or may not have been applied. The writes are put back (replaying
+  them is safe: every statement checks the row is still held by that worker
+  and attempt) and, before the next claim, :meth:`DispatchCycle.run` looks at
+  the rows claimed for the workers that were free and returns them as
+  ``resolved`` leases, to be sent or released: nothing waits for housekeeping;
+* the server refused a statement (a StatusUpdate it cannot store): nothing was
+  written, so the writes are retried one by one and the bad row is failed
+  with the reason, instead of blocking every later cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+
+from damops import store
+from damops.config import Settings
+from damops.dispatch import Completion, Lease, PendingWrites, Stats
+from damops.protocol import StatusUpdate
+from damops.safejson import register_safe_jsonb
+
+log = logging.getLogger("damops.scheduler")
+
+RELEASE_REASON = "released: its worker or scheduler stopped before it finished"
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+@dataclass
+class CycleResult:
+    claimed: list[Lease] = field(default_factory=list)
+    # Claimed by an earlier cycle whose commit was in doubt: send or release each.
+    resolved: list[Lease] = field(default_factory=list)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class DispatchCycle:
+    def __init__(self, settings: Settings, database_url: str, pool: str, stats: Stats) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.pool = pool
+        self.stats = stats
+        self._conn: psycopg.AsyncConnection | None = None
+        self._unresolved: set[str] = set()  # workers a possibly committed claim was for
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def run(self, pending: PendingWrites, free: list[str]) -> CycleResult:
+        """Write ``pending`` and claim for ``free``. Connection errors propagate
+        (after the writes were put back); the caller backs off and calls again."""
+        conn = await self._connection()
+        result = CycleResult(resolved=await self._resolve(conn, pending) if self._unresolved else [])
+        writes = pending.take()
+        if not (free or writes):
+            return result
+        try:
+            async with conn.pipeline(), conn.transaction():
+                applied = await self._queue_writes(conn, writes)
+                claim = None
+                if free:
+                    params = store.claim_params(self.pool, free, self.settings.operation_wait_interval)
+                    claim = await conn.execute(store.CLAIM_SQL, params)
+            # Leaving the pipeline block has sent everything and read every result.
+            self._count(await applied.fetchall() if applied is not None else [])
+            if claim is not None:
+                result.claimed = [store.lease_from_claim(row) for row in await claim.fetchall()]
+        except CONNECTION_ERRORS:
+            pending.put_back(writes)
+            self._unresolved.update(free)
+            await self.close()
+            raise
+        except psycopg.Error as exc:
+            log.warning("a cycle's writes were refused (%s); writing them one by one", first_line(exc))
+            await self._write_one_by_one(conn, writes, pending)
+        return result
+
+    async def flush(self, pending: PendingWrites) -> None:
+        """Write everything buffered (at shutdown); connection errors propagate."""
+        writes = pending.take()
+        try:
+            await self._write(await self._connection(), writes)
+        except CONNECTION_ERRORS:
+            pending.put_back(writes)
+            await self.close()
+            raise
+        except psycopg.Error:
+            await self._write_one_by_one(await self._connection(), writes, pending)
+
+    async def _connection(self) -> psycopg.AsyncConnection:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, prepare_threshold=0)
+            register_safe_jsonb(self._conn)
+        return self._conn
+
+    async def _queue_writes(self, conn: psycopg.AsyncConnection, writes: PendingWrites) -> psycopg.AsyncCursor | None:
+        """Queue the writes on ``conn``; return the cursor of the StatusUpdates (what was applied)."""
+        applied = None
+        if writes.completions:
+            applied = await conn.execute(store.COMPLETE_SQL, store.complete_params(writes.completions))
+        if writes.progress:
+            await conn.execute(store.TOUCH_SQL, store.touch_params(writes.progress))
+        if writes.releases:
+            await conn.execute(store.RELEASE_SQL, store.release_params(writes.releases, RELEASE_REASON))
+        return applied
+
+    async def _write(self, conn: psycopg.AsyncConnection, writes: PendingWrites) -> None:
+        if not writes:
+            return
+        async with conn.pipeline(), conn.transaction():
+            applied = await self._queue_writes(conn, writes)
+        self._count(await applied.fetchall() if applied is not None else [])
+
+    async def _write_one_by_one(
+        self, conn: psycopg.AsyncConnection, writes: PendingWrites, pending: PendingWrites
+    ) -> None:
+        """Each write in its own transaction. A StatusUpdate the database refuses is
+        replaced by a failure that names why; what cannot be written at all is logged."""
+        singles = [PendingWrites(completions=[c]) for c in writes.completions]
+        singles += [PendingWrites(releases=[lease]) for lease in writes.releases]
+        if writes.progress:
+            singles.append(PendingWrites(progress=writes.progress))
+        for index, single in enumerate(singles):
+            try:
+                await self._write(conn, single)
+                continue
+            except CONNECTION_ERRORS:
+                for rest in singles[index:]:
+                    pending.put_back(rest)
+                raise
+            except psycopg.Error as exc:
+                refused = exc
+            self.stats.write_errors += 1
+            log.error(
+                "could not store the write for operation(s) %s: %s", sorted(single.operation_ids()), first_line(refused)
+            )
+            if single.completions:
+                bad = single.completions[0].update
+                replacement = StatusUpdate(
+                    id=bad.id,
+                    attempt=bad.attempt,
+                    outcome="failure",
+                    retryable=False,
+                    error=f"the worker's StatusUpdate could not be stored: {first_line(refused)}",
+                )
+                try:
+                    await self._write(
+                        conn, PendingWrites(completions=[Completion(replacement, single.completions[0].worker)])
+                    )
+                except psycopg.Error as again:
+                    log.error("operation %d left PROCESSING for housekeeping: %s", bad.id, first_line(again))
+
+    async def _resolve(self, conn: psycopg.AsyncConnection, pending: PendingWrites) -> list[Lease]:
+        params = {"pool": self.pool, "workers": sorted(self._unresolved), "settled": sorted(pending.operation_ids())}
+        rows = await (await conn.execute(store.RESOLVE_CLAIMS_SQL, params)).fetchall()
+        self._unresolved.clear()
+        if rows:
+            log.warning(
+                "operation(s) %s were claimed by a cycle whose commit was in doubt; handing them over",
+                ", ".join(str(row[0]) for row in rows),
+            )
+        return [store.lease_from_claim(row) for row in rows]
+
+    def _count(self, applied: list[tuple[object, ...]]) -> None:
+        counters = {
+            "SUCCESS": "succeeded",
+            "FAILED": "failed",
+            "NEW": "retried",
+            "WAIT": "waited",
+            "CANCELLED": "cancelled",
+        }
+        for row in applied:
+            counter = counters.get(str(row[1]))
+            if counter is not None:
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
