@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 
 from damops import store
 from damops.db import migrate, migration_files
@@ -57,14 +58,31 @@ def test_enqueue_many_inserts_in_one_call_and_keeps_order(conn):
 
 
 def test_insert_notifies_the_pool_once_per_statement(database_url):
+    """PostgreSQL folds identical notifications within a transaction, so what
+    a listener receives cannot tell a per-row trigger from a per-statement one:
+    count the trigger function's calls too (this transaction's function stats)."""
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute("LISTEN damops_operations")
         with psycopg.connect(database_url) as producer:
+            if not producer.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+                pytest.skip("counting trigger calls needs SET track_functions, which only a superuser may do")
+            producer.execute("SET track_functions = 'all'")
+            calls = lambda: producer.execute(  # noqa: E731
+                "SELECT pg_stat_get_xact_function_calls('damops.notify_new_operations'::regproc)"
+            ).fetchone()[0]
             enqueue_many(
                 producer, [NewOperation("noop", pool="a") for _ in range(50)] + [NewOperation("noop", pool="b")]
             )
+            assert calls() == 1  # 51 rows, one call
+            enqueue_many(producer, [NewOperation("noop", pool="c") for _ in range(20)])
+            assert calls() == 2  # a second statement, a second call
         payloads = sorted(n.payload for n in listener.notifies(timeout=1.0))
-    assert payloads == ["a", "b"]
+    assert payloads == ["a", "b", "c"]  # one per pool
+    with psycopg.connect(database_url) as conn:
+        (tgtype,) = conn.execute(
+            "SELECT tgtype FROM pg_trigger WHERE tgrelid = 'damops.operations'::regclass AND tgname = 'operations_notify'"
+        ).fetchone()
+    assert tgtype & 1 == 0  # TRIGGER_TYPE_ROW unset: a statement-level trigger
 
 
 def test_claim_is_an_index_scan_on_the_claimable_rows(conn):
