@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import uuid
 
 import psycopg
 import pytest
@@ -17,7 +18,7 @@ from damops.operations import NewOperation, count_queued, enqueue, enqueue_many,
 
 
 def test_migrate_is_idempotent_and_safe_to_run_concurrently(server_url):
-    name = "t_concurrent_migrate"
+    name = f"t_concurrent_migrate_{uuid.uuid4().hex[:8]}"  # unique: the server may be shared (DAMOPS_TEST_DATABASE_URL)
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -76,8 +77,18 @@ def test_insert_notifies_the_pool_once_per_statement(database_url):
             assert calls() == 1  # 51 rows, one call
             enqueue_many(producer, [NewOperation("noop", pool="c") for _ in range(20)])
             assert calls() == 2  # a second statement, a second call
-        payloads = sorted(n.payload for n in listener.notifies(timeout=1.0))
-    assert payloads == ["a", "b", "c"]  # one per pool
+        # Notifications arrive in commit order: read up to a sentinel sent
+        # afterwards, so "nothing else came" needs no fixed wait.
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("NOTIFY damops_operations, 'sentinel'")
+        payloads = []
+        for notify in listener.notifies(timeout=30):
+            if notify.payload == "sentinel":
+                break
+            payloads.append(notify.payload)
+        else:
+            pytest.fail(f"no sentinel notification within 30 s; got {payloads}")
+    assert sorted(payloads) == ["a", "b", "c"]  # one per pool
     with psycopg.connect(database_url) as conn:
         (tgtype,) = conn.execute(
             "SELECT tgtype FROM pg_trigger WHERE tgrelid = 'damops.operations'::regclass AND tgname = 'operations_notify'"
