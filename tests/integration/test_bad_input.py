@@ -13,7 +13,18 @@ import pytest
 
 from damops import protocol
 from damops.operations import enqueue
-from tests.support.engine import SECRET, row, running_engine, settings, wait_final, wait_until
+from tests.support.engine import (
+    SECRET,
+    enqueue_in_thread,
+    fetch_row,
+    row,
+    running_engine,
+    settings,
+    wait_final,
+    wait_until,
+    wait_until_db,
+)
+from tests.support.procs import SidecarProcess
 
 
 def test_unknown_trigger_function_fails_with_its_name(database_url):
@@ -101,7 +112,7 @@ async def _raw_connect(port):
 async def _expect_closed(channel: protocol.Channel):
     with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
         while True:
-            await asyncio.wait_for(channel.reader.readexactly(1), 5)
+            await asyncio.wait_for(channel.reader.readexactly(1), 30)
 
 
 def _first_pair(engine):
@@ -149,14 +160,15 @@ def test_worker_process_dying_mid_operation_is_replaced_and_its_operation_retrie
         async with running_engine(database_url, settings(worker_count=1)) as engine:
             pair = _first_pair(engine)
             flag = tmp_path / "running"
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "tests.support.triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=2)
+            op_id = await enqueue_in_thread(
+                database_url, "tests.support.triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=2
+            )
             await wait_until(flag.exists, 20, "the operation to start")
             first_worker = pair.worker.pid
             pair.worker.kill()
-            await wait_until(lambda: row(database_url, op_id)["attempts"] == 2, 30, "the operation to be retried")
+            await wait_until_db(lambda: row(database_url, op_id)["attempts"] == 2, 30, "the operation to be retried")
             assert pair.worker.pid != first_worker
-            return row(database_url, op_id)
+            return await fetch_row(database_url, op_id)
 
     retried = asyncio.run(scenario())
     assert retried["status"] == "PROCESSING"  # running again, on the new worker
@@ -169,42 +181,29 @@ def test_bad_frame_from_a_worker_drops_it_and_recovers_its_operation(database_ur
     sends garbage. Its connection is dropped and the operation recovered."""
     from damops.scheduler import Scheduler
 
-    socket_path = str(tmp_path / "worker.sock")
-    port = _free_port()
-    sidecar = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "damops",
-            "sidecar",
-            "--name",
-            "fault-w1",
-            "--socket",
-            socket_path,
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
-        env=dict(os.environ, DAMOPS_SECRET=SECRET),
-    )
+    # We bind the sidecar's port and pass the socket: no free-port race.
+    sidecar = SidecarProcess("fault-w1", str(tmp_path / "worker.sock"), SECRET)
 
     async def scenario():
         scheduler = Scheduler(settings(), database_url, secret=SECRET)
         await scheduler.start()
         try:
-            await wait_until(lambda: os.path.exists(socket_path), 20, "the sidecar's socket")
-            reader, writer = await asyncio.open_unix_connection(socket_path)
+            # Logged once the worker socket accepts (a socket file exists before it listens).
+            await sidecar.stderr.wait_for_async("listening: worker socket", 30)
+            reader, writer = await asyncio.open_unix_connection(sidecar.socket_path)
             fake = protocol.Channel(reader, writer)
             await fake.open_handshake(SECRET, "worker")
             await fake.send(protocol.Ready(worker="fake", pid=1))
-            scheduler.add_worker("fault-w1", "127.0.0.1", port)
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "noop", max_attempts=2)
-            operation = await fake.receive()
+            scheduler.add_worker("fault-w1", "127.0.0.1", sidecar.port)
+            op_id = await enqueue_in_thread(database_url, "noop", max_attempts=2)
+            operation = await fake.receive(timeout=30)
             assert isinstance(operation, protocol.Operation) and operation.id == op_id
             fake.writer.write(struct.pack(">I", 5) + b"{bad}")
             await _expect_closed(fake)
-            await wait_until(lambda: row(database_url, op_id)["status"] == "NEW", 20, "the operation to be recovered")
-            assert sidecar.poll() is None  # the sidecar itself carries on
+            await wait_until_db(
+                lambda: row(database_url, op_id)["status"] == "NEW", 20, "the operation to be recovered"
+            )
+            assert sidecar.process.poll() is None  # the sidecar itself carries on
             return op_id
         finally:
             await scheduler.stop(grace=0)
@@ -212,19 +211,10 @@ def test_bad_frame_from_a_worker_drops_it_and_recovers_its_operation(database_ur
     try:
         op_id = asyncio.run(scenario())
     finally:
-        sidecar.terminate()
-        sidecar.wait(10)
+        sidecar.stop()
     recovered = row(database_url, op_id)
     assert recovered["attempts"] == 1 and recovered["worker"] is None
     assert "worker connection dropped: malformed message" in recovered["error"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_invalid_inputs_is_an_error_and_inserts_nothing(database_url, conn):

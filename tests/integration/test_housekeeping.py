@@ -12,7 +12,17 @@ import psycopg
 from damops import store
 from damops.housekeeping import cleanup_failed_operations, recover_expired_operations
 from damops.operations import enqueue
-from tests.support.engine import row, running_engine, settings, wait_final, wait_until
+from tests.support import blocking
+from tests.support.engine import (
+    enqueue_in_thread,
+    fetch_row,
+    row,
+    running_engine,
+    settings,
+    wait_final,
+    wait_until,
+    wait_until_db,
+)
 
 
 def _set(conn, op_id, **columns):
@@ -60,11 +70,16 @@ def test_expiry_waits_for_a_concurrent_finish_and_then_leaves_it_alone(database_
     with psycopg.connect(database_url) as finisher:
         # The StatusUpdate holds the row lock when housekeeping arrives...
         finisher.execute("UPDATE damops.operations SET status = 'SUCCESS', updated = now() WHERE id = %s", (op_id,))
+        finisher_pid = finisher.info.backend_pid
 
         async def race():
             pending = asyncio.create_task(asyncio.to_thread(_recover_in_new_connection, database_url))
-            await asyncio.sleep(0.3)
-            assert not pending.done()  # blocked on the row lock
+
+            async def blocked():
+                return pending.done() or await asyncio.to_thread(_sessions_blocked_by, database_url, finisher_pid)
+
+            await wait_until(blocked, 30, "housekeeping to wait for the finisher's row lock")
+            assert not pending.done()  # it waits on the lock, it did not skip the row
             finisher.commit()
             return await pending
 
@@ -72,6 +87,13 @@ def test_expiry_waits_for_a_concurrent_finish_and_then_leaves_it_alone(database_
     # ...and re-checks status and age after the lock is released.
     assert result == {}
     assert row_of(conn, op_id)["status"] == "SUCCESS"
+
+
+def _sessions_blocked_by(database_url, pid):
+    with psycopg.connect(database_url, autocommit=True) as observer:
+        return observer.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)
+        ).fetchone()[0]
 
 
 def _recover_in_new_connection(database_url):
@@ -86,13 +108,14 @@ def row_of(conn, op_id):
 
 def test_expired_operation_recovered_by_the_running_engine(database_url):
     async def scenario():
-        config = settings(max_operation_processing_time=1.0, worker_count=1)
+        # 3 s, not 1 s: the recovered run itself must not expire on a loaded machine.
+        config = settings(max_operation_processing_time=3.0, worker_count=1)
         async with running_engine(database_url, config):
             with psycopg.connect(database_url, autocommit=True) as conn:
                 # An operation a crashed scheduler left PROCESSING.
                 op_id = enqueue(conn, "noop")
                 _set(conn, op_id, status="PROCESSING", attempts=1, worker="crashed-scheduler-w1")
-                _age(conn, op_id, "updated", 5)
+                _age(conn, op_id, "updated", 10)
             await wait_final(database_url, [op_id], timeout=20)
             return op_id
 
@@ -106,18 +129,24 @@ def test_expired_worker_is_killed_and_replaced_and_its_operation_recovered(datab
         config = settings(worker_count=1, max_worker_active_time=1.5)
         async with running_engine(database_url, config) as engine:
             first_pid = engine.worker_pids().pop()
-            flag = tmp_path / "running"
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "tests.support.triggers:signal_then_hang", {"flag": str(flag)}, max_attempts=1)
-            await wait_until(flag.exists, 20, "the hanging operation to start")
-            assert int(flag.read_text()) == first_pid
+            started = tmp_path / "started"
+            started.mkdir()
+            # Never released and no progress: the worker expires while holding it.
+            op_id = await enqueue_in_thread(
+                database_url,
+                "tests.support.blocking:hold",
+                {"started_dir": str(started), "release": str(tmp_path / "never")},
+                max_attempts=1,
+            )
+            # The started file appears with the pid in it (written atomically).
+            running = await wait_until(lambda: blocking.started_pids(started), 20, "the held operation to start")
+            assert running == {op_id: first_pid}
             await wait_final(database_url, [op_id], timeout=30)
             # A new worker process replaced the killed one, and it is free again.
             await wait_until(lambda: engine.scheduler.snapshot().free == 1, 30, "the replacement worker")
             assert engine.worker_pids() != {first_pid}
             assert engine.scheduler.stats.expired_workers == 1
-            with psycopg.connect(database_url) as conn:
-                follow_up = enqueue(conn, "tests.support.triggers:pid")
+            follow_up = await enqueue_in_thread(database_url, "tests.support.triggers:pid")
             await wait_final(database_url, [follow_up])
             return op_id, first_pid, follow_up
 
@@ -144,24 +173,34 @@ def test_wait_operation_is_not_claimed_before_the_wait_interval(conn):
     assert row_of(conn, waiting)["status"] == "PROCESSING"
 
 
-def test_wait_operation_runs_again_after_operation_wait_interval(database_url):
+def test_wait_operation_runs_again_after_operation_wait_interval(database_url, tmp_path):
+    interval = 1.0
+    runs = tmp_path / "runs"
+
     async def scenario():
-        config = settings(worker_count=1, operation_wait_interval=1.0)
+        config = settings(worker_count=1, operation_wait_interval=interval)
         async with running_engine(database_url, config):
             not_before = time.time() + 1.5
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "wait_until", {"not_before": not_before}, max_attempts=1)
-            await wait_until(lambda: row(database_url, op_id)["status"] == "WAIT", 10, "the operation to WAIT")
-            waited_at = row(database_url, op_id)["updated"].timestamp()
-            await wait_final(database_url, [op_id], timeout=20)
-            return op_id, not_before, waited_at
+            # wait_once WAITs on its first run whatever the timing, and records when each run started.
+            once = await enqueue_in_thread(database_url, "tests.support.blocking:wait_once", {"runs": str(runs)})
+            example = await enqueue_in_thread(database_url, "wait_until", {"not_before": not_before}, max_attempts=1)
+            await wait_final(database_url, [once, example], timeout=20)
+            return once, example, not_before
 
-    op_id, not_before, waited_at = asyncio.run(scenario())
-    done = row(database_url, op_id)
-    assert done["status"] == "SUCCESS"
-    assert done["result"]["ran_at"] >= not_before
+    once, example, not_before = asyncio.run(scenario())
+    ran = [float(line) for line in runs.read_text().split()]
+    assert len(ran) == 2  # one WAIT, then the run that succeeded
+    # The second run started no sooner than OPERATION_WAIT_INTERVAL after the
+    # first one asked to wait (same clock; 50 ms for its resolution).
+    assert ran[1] - ran[0] >= interval - 0.05, ran
+    done = row(database_url, once)
+    assert done["status"] == "SUCCESS" and done["result"]["ran_at"] == ran[1]
+    assert done["attempts"] == 1  # waiting used no attempt
+    example_done = row(database_url, example)
+    assert example_done["status"] == "SUCCESS"
+    assert example_done["result"]["ran_at"] >= not_before
     # Waiting used no attempt even though max_attempts is 1.
-    assert done["attempts"] == 1
+    assert example_done["attempts"] == 1
 
 
 def _failed(conn, count, hours_old):
@@ -210,17 +249,43 @@ def test_failed_cleanup_by_count_keeps_the_newest(conn, caplog):
     assert all("FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS" in e["reason"] for e in logged)
 
 
-def test_failed_cleanup_deletes_a_large_backlog_in_bounded_batches(conn):
+class _DeleteRecorder(psycopg.Cursor):
+    """Records, for each DELETE on the operations table, how many rows it
+    deleted and in which transaction (its xid)."""
+
+    deletes: list[tuple[int, int]]
+
+    def execute(self, query, params=None, **kwargs):
+        result = super().execute(query, params, **kwargs)
+        if isinstance(query, str) and query.lstrip().startswith("DELETE FROM damops.operations"):
+            # A plain cursor: the xid query itself is not recorded.
+            xid = psycopg.Cursor(self.connection).execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+            self.connection.deletes.append((self.rowcount, int(xid)))
+        return result
+
+
+def test_failed_cleanup_deletes_a_large_backlog_in_bounded_batches(database_url):
     from damops import housekeeping
 
-    conn.execute(
-        "INSERT INTO damops.operations (trigger_function, status, created, error)"
-        " SELECT 'fail', 'FAILED', now() - interval '2 days', 'x' FROM generate_series(1, 2500)"
-    )
-    result = cleanup_failed_operations(conn, threshold_hours=24, limit_records=20000)
-    assert result.by_age == 2500
-    assert housekeeping.DELETE_BATCH < 2500  # it took several batches (transactions)
-    assert conn.execute("SELECT count(*) FROM damops.operations").fetchone()[0] == 0
+    batch = housekeeping.DELETE_BATCH
+    total = 2 * batch + batch // 2
+    with psycopg.connect(database_url, autocommit=True, cursor_factory=_DeleteRecorder) as recorded:
+        recorded.deletes = []
+        recorded.execute(
+            "INSERT INTO damops.operations (trigger_function, status, created, error)"
+            " SELECT 'fail', 'FAILED', now() - interval '2 days', 'x' FROM generate_series(1, %s)",
+            (total,),
+        )
+        result = cleanup_failed_operations(recorded, threshold_hours=24, limit_records=20000)
+        remaining = recorded.execute("SELECT count(*) FROM damops.operations").fetchone()[0]
+    assert result.by_age == total
+    assert remaining == 0
+    sizes = [deleted for deleted, _ in recorded.deletes if deleted]
+    assert sizes == [batch, batch, batch // 2], recorded.deletes  # counted, not assumed
+    assert all(deleted <= batch for deleted, _ in recorded.deletes)
+    # Each batch committed on its own: one transaction (xid) per DELETE.
+    xids = [xid for _, xid in recorded.deletes]
+    assert len(set(xids)) == len(xids), recorded.deletes
 
 
 def test_only_one_instance_runs_housekeeping_at_a_time(database_url, conn):
@@ -237,13 +302,32 @@ def test_only_one_instance_runs_housekeeping_at_a_time(database_url, conn):
     assert recover_expired_operations(conn, 60) == {op_id: "NEW"}
 
 
-def test_progress_keeps_a_long_operation_and_its_worker_from_expiring(database_url):
+def test_progress_keeps_a_long_operation_and_its_worker_from_expiring(database_url, tmp_path):
+    limit = 2.0  # both expiry limits; progress comes every 0.2 s, touches reach the database every heartbeat
+
     async def scenario():
-        config = settings(worker_count=1, max_worker_active_time=1.0, max_operation_processing_time=1.0)
+        config = settings(worker_count=1, max_worker_active_time=limit, max_operation_processing_time=limit)
         async with running_engine(database_url, config) as engine:
             pids = engine.worker_pids()
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "tests.support.triggers:busy_with_progress", {"seconds": 3}, max_attempts=1)
+            started, release = tmp_path / "started", tmp_path / "release"
+            started.mkdir()
+            op_id = await enqueue_in_thread(
+                database_url,
+                "tests.support.blocking:hold",
+                {"started_dir": str(started), "release": str(release), "progress": True},
+                max_attempts=1,
+            )
+            await wait_until(lambda: blocking.started_pids(started), 20, "the operation to start")
+            began = time.monotonic()
+            await wait_until(lambda: time.monotonic() - began > 2.5 * limit, 30, "the operation to outlive both limits")
+            # Proof that housekeeping looked while it was that old: an operation
+            # left PROCESSING by a dead worker gets expired by the same pass.
+            control = await asyncio.to_thread(_abandoned_operation, database_url, 2 * limit)
+            await wait_until_db(
+                lambda: row(database_url, control)["status"] == "FAILED", 30, "housekeeping to expire the control"
+            )
+            assert (await fetch_row(database_url, op_id))["status"] == "PROCESSING"
+            blocking.release(release)
             await wait_final(database_url, [op_id], timeout=30)
             assert engine.scheduler.stats.expired_workers == 0
             assert engine.worker_pids() == pids
@@ -252,3 +336,11 @@ def test_progress_keeps_a_long_operation_and_its_worker_from_expiring(database_u
     done = row(database_url, asyncio.run(scenario()))
     assert done["status"] == "SUCCESS" and done["attempts"] == 1
     assert done["result"]["steps"] >= 10
+
+
+def _abandoned_operation(database_url, age_seconds):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        op_id = enqueue(conn, "noop", max_attempts=1)
+        _set(conn, op_id, status="PROCESSING", attempts=1, worker="dead-worker")
+        _age(conn, op_id, "updated", age_seconds)
+        return op_id

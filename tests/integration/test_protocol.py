@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import pytest
 
 from damops import protocol
 from damops.config import load_settings, parse_duration
+from tests.support.procs import SidecarProcess
 
 
 def test_round_trip_of_every_message():
@@ -60,29 +62,34 @@ def test_oversized_frames_are_refused_both_ways():
 
 
 def test_handshake_over_a_real_socket_accepts_the_secret_and_rejects_others():
-    outcomes = []
-
     async def scenario():
+        # The server side reports each connection's outcome here; the client
+        # waits for it instead of sleeping and hoping the server was done.
+        outcomes: asyncio.Queue[str] = asyncio.Queue()
+
         async def serve(reader, writer):
             channel = protocol.Channel(reader, writer)
             try:
                 await channel.accept_handshake("s3cret", "scheduler")
-                outcomes.append("accepted")
+                outcomes.put_nowait("accepted")
             except protocol.ProtocolError as exc:
-                outcomes.append(str(exc))
+                outcomes.put_nowait(str(exc))
             await channel.close()
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
+        seen = []
         for secret, role in (("s3cret", "scheduler"), ("guess", "scheduler"), ("s3cret", "worker")):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             channel = protocol.Channel(reader, writer)
             await channel.open_handshake(secret, role)
-            await asyncio.sleep(0.1)
+            seen.append(await asyncio.wait_for(outcomes.get(), 30))
             await channel.close()
         server.close()
+        await server.wait_closed()
+        return seen
 
-    asyncio.run(scenario())
+    outcomes = asyncio.run(scenario())
     assert outcomes[0] == "accepted"
     assert "wrong secret" in outcomes[1]
     assert "expected a scheduler peer, got worker" in outcomes[2]
@@ -125,40 +132,11 @@ def test_settings_read_the_seeds_variable_names(monkeypatch):
 
 def test_a_silent_peer_is_dropped_by_the_heartbeat_watchdog(tmp_path):
     """A real sidecar process; the 'scheduler' authenticates, then never speaks again."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sidecar = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "damops",
-            "sidecar",
-            "--name",
-            "w",
-            "--socket",
-            str(tmp_path / "w.sock"),
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
-        env=dict(os.environ, DAMOPS_SECRET="s"),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sidecar = SidecarProcess("w", str(tmp_path / "w.sock"), "s")
 
     async def scenario():
-        for _ in range(100):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except ConnectionRefusedError:
-                await asyncio.sleep(0.1)
+        # The sidecar's TCP socket listens already (we bound it): no retry loop.
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
         channel = protocol.Channel(reader, writer)
         await channel.open_handshake("s", "scheduler")
         started = time.monotonic()
@@ -169,8 +147,10 @@ def test_a_silent_peer_is_dropped_by_the_heartbeat_watchdog(tmp_path):
 
     try:
         silent_for = asyncio.run(scenario())
+        # The client sees EOF as soon as the watchdog closes the socket; the
+        # sidecar logs why only when its reader notices: wait for that line.
+        dropped = sidecar.stderr.wait_for("dropping scheduler connection", 30)
     finally:
-        sidecar.terminate()
-        _, stderr = sidecar.communicate(timeout=10)
+        sidecar.stop()
     assert silent_for >= protocol.HEARTBEAT_TIMEOUT
-    assert "peer silent" in stderr
+    assert "peer silent" in dropped

@@ -6,8 +6,20 @@ import asyncio
 
 import psycopg
 
-from damops.operations import NewOperation, enqueue, enqueue_many
-from tests.support.engine import row, running_engine, settings, wait_final, wait_until
+from damops.operations import NewOperation, enqueue
+from tests.support import blocking
+from tests.support.engine import (
+    enqueue_in_thread,
+    enqueue_many_in_thread,
+    fetch_row,
+    listener_backend,
+    row,
+    running_engine,
+    settings,
+    wait_final,
+    wait_until,
+    wait_until_db,
+)
 
 
 def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
@@ -16,8 +28,9 @@ def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
             # Workers are up and free before any operation exists.
             assert engine.scheduler.snapshot().free == 2
             pids_before = engine.worker_pids()
-            with psycopg.connect(database_url) as conn:
-                ids = enqueue_many(conn, [NewOperation("tests.support.triggers:pid") for _ in range(40)])
+            ids = await enqueue_many_in_thread(
+                database_url, [NewOperation("tests.support.triggers:pid") for _ in range(40)]
+            )
             await wait_final(database_url, ids)
             assert engine.worker_pids() == pids_before
             return pids_before, ids
@@ -31,20 +44,26 @@ def test_pre_heating_same_worker_processes_serve_many_operations(database_url):
     assert used <= pids and len(used) >= 1
 
 
-def test_worker_states_pending_free_active_free(database_url):
+def test_worker_states_pending_free_active_free(database_url, tmp_path):
     async def scenario():
         config = settings(worker_count=1)
         async with running_engine(database_url, config, wait_ready=False) as engine:
             seen = [engine.scheduler.snapshot().workers[0].state]
             assert seen == ["pending"]
             await wait_until(lambda: engine.scheduler.snapshot().free == 1, 30, "the worker to be free")
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "sleep", {"seconds": 0.6})
+            # The operation runs until the test releases it: "still PROCESSING"
+            # below cannot race its end, however slow the machine.
+            release = tmp_path / "release"
+            op_id = await enqueue_in_thread(
+                database_url, "tests.support.blocking:hold", {"started_dir": str(tmp_path), "release": str(release)}
+            )
             await wait_until(lambda: engine.scheduler.snapshot().active == 1, 10, "the worker to be active")
             view = engine.scheduler.snapshot().workers[0]
             assert view.operation_id == op_id
-            assert row(database_url, op_id)["status"] == "PROCESSING"
-            assert row(database_url, op_id)["worker"] == view.name
+            held = await fetch_row(database_url, op_id)
+            assert held["status"] == "PROCESSING"
+            assert held["worker"] == view.name
+            blocking.release(release)
             await wait_final(database_url, [op_id])
             await wait_until(lambda: engine.scheduler.snapshot().free == 1, 10, "the worker to be free again")
             assert engine.scheduler.snapshot().workers[0].operation_id is None
@@ -75,15 +94,21 @@ def test_status_updates_record_result_and_error(database_url):
 
 def test_notify_wakes_the_scheduler_long_before_its_heartbeat(database_url):
     async def scenario():
-        # A 60 s heartbeat: only LISTEN/NOTIFY can get this operation started in time.
+        # A 60 s heartbeat: only a wake-up can get these operations started in time.
         async with running_engine(database_url, settings(scheduler_heartbeat=60)) as engine:
-            await asyncio.sleep(0.5)  # let the listener connect
-            with psycopg.connect(database_url) as conn:
-                op_id = enqueue(conn, "noop")
-            await wait_final(database_url, [op_id], timeout=10)
+            listener = await wait_until_db(lambda: listener_backend(database_url), 30, "the scheduler to LISTEN")
+            # On connecting, the listener wakes the scheduler once by itself (to
+            # catch inserts it missed); a first operation may use that wake-up.
+            first = await enqueue_in_thread(database_url, "noop")
+            await wait_final(database_url, [first], timeout=10)
+            # The scheduler is idle now: nothing but the NOTIFY of this insert can wake it.
+            second = await enqueue_in_thread(database_url, "noop")
+            await wait_final(database_url, [second], timeout=10)
+            # The same LISTEN session throughout: no reconnect's wake-up explains it.
+            assert await asyncio.to_thread(listener_backend, database_url) == listener
             return engine.scheduler.stats.claimed
 
-    assert asyncio.run(scenario()) == 1
+    assert asyncio.run(scenario()) == 2
 
 
 def test_priority_lower_runs_first(database_url):
