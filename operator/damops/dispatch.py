@@ -69,6 +69,7 @@ class Worker:
     lease: Lease | None = None
     pid: int | None = None
     boot: str | None = None  # the sidecar process we last spoke to
+    worker_gone: bool = False  # NotReady since the last Ready: not free when its lease ends
 
     @property
     def claimable(self) -> bool:
@@ -195,6 +196,8 @@ class WorkerTable:
                 effects.releases.append(lease)
             else:
                 effects += self._end(worker, lease, f"worker {name}'s sidecar restarted while it held the operation")
+        if busy is not None:
+            worker.worker_gone = False  # it is running an operation right now
         if busy is not None and worker.lease is None:
             # Handed out by a scheduler before us: adopt it rather than run it twice.
             worker.lease = Lease(busy[0], busy[1], name)
@@ -234,6 +237,7 @@ class WorkerTable:
         if worker is None:
             return Effects()
         worker.pid = pid
+        worker.worker_gone = False
         if worker.state is WorkerState.PENDING and worker.lease is None:
             worker.state = WorkerState.FREE
             worker.last_touched = now
@@ -242,7 +246,10 @@ class WorkerTable:
 
     def not_ready(self, name: str, now: float) -> Effects:
         worker = self.workers.get(name)
-        if worker is not None and worker.lease is None:
+        if worker is None:
+            return Effects()
+        worker.worker_gone = True
+        if worker.lease is None:
             worker.state = WorkerState.PENDING
             worker.last_touched = now
         return Effects()
@@ -272,7 +279,7 @@ class WorkerTable:
         if worker is None or worker.lease is None or worker.lease.id != update.id:
             return effects
         worker.lease = None
-        worker.state = WorkerState.FREE if worker.connected else WorkerState.PENDING
+        worker.state = WorkerState.FREE if worker.connected and not worker.worker_gone else WorkerState.PENDING
         worker.last_touched = now
         if worker.draining:
             del self.workers[name]

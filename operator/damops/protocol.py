@@ -154,12 +154,28 @@ async def read_frame(
 ) -> tuple[Message, bytes]:
     """Read one frame: (message, the whole frame as received, for relaying).
     EOF raises asyncio.IncompleteReadError; bad frames ProtocolError."""
-    header = await reader.readexactly(_HEADER.size)
+    header = await reader.readexactly(HEADER_BYTES)
+    body = await reader.readexactly(frame_length(header, max_frame_bytes))
+    return decode(body), header + body
+
+
+HEADER_BYTES = _HEADER.size
+
+
+def frame_length(header: bytes, max_frame_bytes: int) -> int:
+    """The body length a frame header announces; ProtocolError when over the limit.
+    Shared by the async channels and the worker's blocking one."""
     (length,) = _HEADER.unpack(header)
     if length > max_frame_bytes:
         raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {max_frame_bytes} bytes")
-    body = await reader.readexactly(length)
-    return decode(body), header + body
+    return int(length)
+
+
+def answer(challenge: Message, secret: str, role: Literal["scheduler", "worker"]) -> Hello:
+    """The connecting side's answer to the listener's first message."""
+    if not isinstance(challenge, Challenge):
+        raise ProtocolError(f"expected challenge, got {challenge.type}")
+    return Hello(role=role, proof=make_proof(secret, challenge.nonce))
 
 
 async def read_message(reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
@@ -303,12 +319,9 @@ class Channel:
             raise ProtocolError(f"expected a {role} peer, got {hello.role}")
         return hello
 
-    async def open_handshake(self, secret: str, role: str) -> None:
+    async def open_handshake(self, secret: str, role: Literal["scheduler", "worker"]) -> None:
         """Connecting side: answer the listener's challenge."""
-        challenge = await self.receive(timeout=HEARTBEAT_TIMEOUT)
-        if not isinstance(challenge, Challenge):
-            raise ProtocolError(f"expected challenge, got {challenge.type}")
-        await self.send(Hello(role=role, proof=make_proof(secret, challenge.nonce)))  # type: ignore[arg-type]
+        await self.send(answer(await self.receive(timeout=HEARTBEAT_TIMEOUT), secret, role))
 
 
 async def heartbeat_loop(channel: Channel) -> None:

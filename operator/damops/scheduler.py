@@ -89,9 +89,12 @@ class Scheduler:
         while self.table.leases() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if release and self.table.leases():
+            # From here on a StatusUpdate for these is not written; their workers
+            # are killed before the operations go back to NEW, so none finishes later.
+            released = self.table.release_all()
             if self.on_worker_expired is not None:
-                await asyncio.gather(*(self.on_worker_expired(lease.worker) for lease in self.table.leases()))
-            self._apply(self.table.release_all())
+                await asyncio.gather(*(self.on_worker_expired(lease.worker) for lease in released.releases))
+            self._apply(released)
         self._stopping = True
         self._wake.set()
         await asyncio.gather(self._loops[0], return_exceptions=True)  # the dispatch loop ends its cycle

@@ -125,6 +125,9 @@ class Sidecar:
             self.worker = None
             self.worker_ready = None
             await channel.close()
+            # NotReady first: the scheduler must not take the lost operation's
+            # StatusUpdate as a sign that this worker is free.
+            self._to_scheduler(NotReady(reason=reason))
             if self.assignment is not None:
                 lost, self.assignment = self.assignment, None
                 self._deliver(
@@ -136,7 +139,6 @@ class Sidecar:
                         retryable=True,
                     )
                 )
-            self._to_scheduler(NotReady(reason=reason))
 
     # --- the scheduler side ------------------------------------------------
 

@@ -17,7 +17,6 @@ import inspect
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 import traceback as tb
@@ -31,7 +30,6 @@ from damops.protocol import Heartbeat, Operation, Progress, Ready, Shutdown, Sta
 from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
 log = logging.getLogger("damops.worker")
-_HEADER = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -59,12 +57,10 @@ class BlockingChannel:
             self.sock.sendall(frame)
 
     def receive(self) -> protocol.Message:
-        header = self._file.read(_HEADER.size)
-        if len(header) < _HEADER.size:
+        header = self._file.read(protocol.HEADER_BYTES)
+        if len(header) < protocol.HEADER_BYTES:
             raise EOFError("the sidecar closed the connection")
-        (length,) = _HEADER.unpack(header)
-        if length > self.max_frame_bytes:
-            raise protocol.ProtocolError(f"frame of {length} bytes exceeds the maximum of {self.max_frame_bytes}")
+        length = protocol.frame_length(header, self.max_frame_bytes)
         body = self._file.read(length)
         if len(body) < length:
             raise EOFError("the sidecar closed the connection mid-frame")
@@ -107,10 +103,7 @@ class WorkerRuntime:
     def run(self) -> None:
         self.preload([n.strip() for n in os.environ.get("DAMOPS_PRELOAD", "").split(",") if n.strip()])
         channel = self._channel = BlockingChannel(self._connect(), self.max_frame_bytes)
-        challenge = channel.receive()
-        if not isinstance(challenge, protocol.Challenge):
-            raise protocol.ProtocolError(f"expected challenge, got {challenge.type}")
-        channel.send(protocol.Hello(role="worker", proof=protocol.make_proof(self.secret, challenge.nonce)))
+        channel.send(protocol.answer(channel.receive(), self.secret, "worker"))
         channel.send(Ready(worker=self.name, pid=os.getpid()))
         log.info("worker %s (pid %d) ready", self.name, os.getpid())
         stop_beating = threading.Event()

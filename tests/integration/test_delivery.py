@@ -149,7 +149,6 @@ def test_a_new_scheduler_adopts_work_handed_out_by_one_that_died(database_url, t
     workers run; scheduler B connects to the same sidecars, learns what each is
     busy with, and records the results: no operation lost or run twice."""
     from damops.scheduler import Scheduler
-    from tests.support.engine import SECRET
 
     log_file = tmp_path / "executions.log"
     started, release = tmp_path / "started", tmp_path / "release"

@@ -179,3 +179,14 @@ def test_pending_writes_put_back_keeps_order_and_newer_progress():
     writes.put_back(taken)
     assert [c.update.id for c in writes.completions] == [7] and writes.progress[7] == ("new", 0.5)
     assert writes.operation_ids() == {7}
+
+
+def test_a_worker_that_died_with_its_operation_is_not_free_until_ready_again():
+    table = ready_table("w1")
+    table.assign(lease(), 0.0)
+    table.not_ready("w1", 1.0)  # the sidecar says so before the lost operation's StatusUpdate
+    lost = StatusUpdate(id=7, attempt=1, outcome="failure", error="worker process lost")
+    table.status("w1", lost, 1.1)
+    assert table.claimable() == [] and table.workers["w1"].state is WorkerState.PENDING
+    table.ready("w1", 2, 2.0)
+    assert table.claimable() == ["w1"]
