@@ -369,7 +369,7 @@ class Scheduler:
                         )
                 # Leaving the pipeline block has sent everything and read every result.
                 if applied is not None:
-                    self._count(dict(await applied.fetchall()))
+                    self._count({r[0]: r[1] for r in await applied.fetchall()})
                 claimed = [Claimed(*row) for row in await claim.fetchall()] if claim is not None else []
             except BaseException:
                 self._requeue(completions, touches, releases)
@@ -393,9 +393,9 @@ class Scheduler:
         return the cursor of the StatusUpdates (its rows say what was applied)."""
         applied = None
         if completions:
-            applied = await conn.execute(store.COMPLETE_SQL, store.complete_params(completions))
+            applied = await conn.execute(store.COMPLETE_SQL, store.complete_params(completions, policy=store.RetryPolicy.from_settings(self.settings), default_max_attempts=self.settings.max_attempts))
         if touches:
-            await conn.execute(store.TOUCH_SQL, {"ids": list(touches)})
+            await conn.execute(store.TOUCH_SQL, store.touch_params(touches))
         if releases:
             await conn.execute(
                 store.RELEASE_SQL,
@@ -448,7 +448,7 @@ class Scheduler:
             async with conn.pipeline():
                 applied = await self._queue_writes(conn, completions, touches, releases)
             if applied is not None:
-                self._count(dict(await applied.fetchall()))
+                self._count({r[0]: r[1] for r in await applied.fetchall()})
         except BaseException:
             self._requeue(completions, touches, releases)
             raise
