@@ -20,8 +20,7 @@ from damops.store import CANCEL_NOTIFY_CHANNEL
 BATCH = 1000
 RETRYABLE_STATUSES = ("FAILED", "CANCELLED")
 
-# A NEW or WAIT (or scheduled) operation is cancelled at once. The status is
-# re-checked under the row lock: one claimed meanwhile is left to the next statement.
+# A NEW or WAIT (or scheduled) operation is cancelled at once.
 CANCEL_NOW_SQL = """
 UPDATE damops.operations
 SET status = 'CANCELLED', error = 'cancelled before it ran', run_after = NULL, finished = now(), updated = now()
@@ -40,7 +39,12 @@ WITH requested AS (
 SELECT id, pg_notify('{CANCEL_NOTIFY_CHANNEL}', pool) IS NULL FROM requested
 """
 
-STATUS_OF_SQL = "SELECT id, status FROM damops.operations WHERE id = ANY(%(ids)s::bigint[])"
+# Taken first: a completion writing one of these rows is waited for, and the
+# two statements after it (each with a new snapshot) see the row as it is
+# then, and nobody can change it under them. In id order: no deadlock between cancellers.
+LOCK_FOR_CANCEL_SQL = """
+SELECT id, status FROM damops.operations WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE
+"""
 
 # The filter shared by retry (FAILED/CANCELLED) and purge (any final status).
 # Time range and age go by when the operation finished.
@@ -129,9 +133,9 @@ def cancel(conn: psycopg.Connection, ids: Sequence[int]) -> CancelResult:
     params = {"ids": list(ids)}
     result = CancelResult()
     with conn.transaction():
+        found: dict[int, str] = dict(conn.execute(LOCK_FOR_CANCEL_SQL, params).fetchall())
         result.cancelled = sorted(r[0] for r in conn.execute(CANCEL_NOW_SQL, params))
         result.requested = sorted(r[0] for r in conn.execute(REQUEST_CANCEL_SQL, params))
-        found: dict[int, str] = dict(conn.execute(STATUS_OF_SQL, params).fetchall())
     done = set(result.cancelled) | set(result.requested)
     result.already_final = {i: s for i, s in sorted(found.items()) if i not in done and s in FINAL_STATUSES}
     result.not_found = sorted(set(ids) - set(found))

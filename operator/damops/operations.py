@@ -129,7 +129,7 @@ def operation_problem(op: NewOperation) -> str | None:
         return f"unique_key {json_problem(op.unique_key)}"
     problem = json_problem(op.inputs)
     if problem:
-        return f"inputs of {name!r} cannot be delivered: they {problem}"
+        return f"inputs of {name!r} cannot be delivered: the value {problem}"
     return None
 
 
