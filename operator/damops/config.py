@@ -120,6 +120,18 @@ class Settings(BaseSettings):
     # Periodic operations (JSON or YAML list; see damops.periodic).
     periodic: str = Field(default="", validation_alias="DAMOPS_PERIODIC")
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str | None) -> str | None:
+        if value:
+            import psycopg
+
+            try:
+                psycopg.conninfo.conninfo_to_dict(value)
+            except psycopg.ProgrammingError as exc:
+                raise ValueError(f"not a PostgreSQL URL (postgresql://user@host/db): {exc}") from None
+        return value
+
     @field_validator("pool")
     @classmethod
     def _servable_pool(cls, value: str) -> str:

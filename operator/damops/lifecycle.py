@@ -92,6 +92,12 @@ WHERE id IN (
 RETURNING id
 """
 
+PURGE_COUNT_SQL = f"""
+SELECT count(*) FROM damops.operations
+WHERE {_FILTER}
+  AND (%(age)s::float8 IS NULL OR finished < now() - make_interval(secs => %(age)s))
+"""
+
 # Beyond the newest `keep` of a status (retention by count).
 PURGE_EXCESS_SQL = """
 DELETE FROM damops.operations
@@ -205,6 +211,39 @@ def retry(
             return sorted(retried)
 
 
+def purge_params(
+    statuses: Sequence[str],
+    older_than: float | None,
+    pool: str | None,
+    trigger_function: str | None,
+    ids: Sequence[int] | None,
+    batch: int,
+) -> dict[str, Any]:
+    return {
+        **filter_params(
+            statuses=_check_statuses(statuses, FINAL_STATUSES, "purge"),
+            ids=ids,
+            pool=pool,
+            trigger_function=trigger_function,
+        ),
+        "age": older_than,
+        "batch": batch,
+    }
+
+
+def count_purgeable(
+    conn: psycopg.Connection,
+    statuses: Sequence[str],
+    *,
+    older_than: float | None = None,
+    pool: str | None = None,
+    trigger_function: str | None = None,
+) -> int:
+    """How many operations :func:`purge` would delete (a dry run)."""
+    row = conn.execute(PURGE_COUNT_SQL, purge_params(statuses, older_than, pool, trigger_function, None, 0)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def purge(
     conn: psycopg.Connection,
     statuses: Sequence[str],
@@ -217,16 +256,7 @@ def purge(
 ) -> int:
     """Delete final operations (and their history) finished more than
     ``older_than`` seconds ago, in batches; returns how many."""
-    params = {
-        **filter_params(
-            statuses=_check_statuses(statuses, FINAL_STATUSES, "purge"),
-            ids=ids,
-            pool=pool,
-            trigger_function=trigger_function,
-        ),
-        "age": older_than,
-        "batch": batch,
-    }
+    params = purge_params(statuses, older_than, pool, trigger_function, ids, batch)
     deleted = 0
     while True:
         with conn.transaction():

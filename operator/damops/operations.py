@@ -105,7 +105,7 @@ def operation_problem(op: NewOperation) -> str | None:
     """None when ``op`` can be delivered; else one line naming what is wrong."""
     name = op.trigger_function
     if not isinstance(name, str) or not name.strip():
-        return "the trigger function name must not be empty"
+        return "trigger_function must be a non-empty name"
     if len(name) > MAX_TRIGGER_NAME or json_problem(name):
         return f"trigger function name {name[:40]!r}... is not a usable name"
     problem = pool_problem(op.pool)
@@ -129,7 +129,7 @@ def operation_problem(op: NewOperation) -> str | None:
         return f"unique_key {json_problem(op.unique_key)}"
     problem = json_problem(op.inputs)
     if problem:
-        return f"inputs of {name!r} cannot be delivered: the value {problem}"
+        return f"inputs of {name!r} cannot be delivered (not JSON-serializable): the value {problem}"
     return None
 
 
