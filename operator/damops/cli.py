@@ -72,10 +72,11 @@ def database_url(settings: Settings, *, create: bool) -> str:
 
 
 def schema_version(conn: Any) -> int:
-    row = conn.execute(
-        "SELECT CASE WHEN to_regclass('damops.schema_migrations') IS NULL THEN 0"
-        " ELSE (SELECT coalesce(max(version), 0) FROM damops.schema_migrations) END"
-    ).fetchone()
+    """The highest migration applied; 0 for a database without the damops schema."""
+    exists = conn.execute("SELECT to_regclass('damops.schema_migrations') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = conn.execute("SELECT coalesce(max(version), 0) FROM damops.schema_migrations").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -186,7 +187,9 @@ def _status(text: str | None, allowed: Sequence[str]) -> str | None:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    # Piped into a file or another program: wide enough that rows stay on one line.
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS") or 200)
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def _age(when: datetime | None) -> str:
@@ -404,7 +407,7 @@ def cmd_list(args: argparse.Namespace) -> None:
         return
     table = Table()
     for name in ("id", "pool", "status", "att", "trigger", "updated", "progress / error"):
-        table.add_column(name, justify="right" if name in ("id", "att") else "left", overflow="ellipsis")
+        table.add_column(name, justify="right" if name in ("id", "att") else "left", no_wrap=True, overflow="ellipsis")
     for row in rows:
         note = row.error or row.progress_message or ""
         if row.status == "NEW" and row.run_after:
