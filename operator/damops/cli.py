@@ -223,6 +223,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides["worker_count"] = args.workers
     if args.pool is not None:
         overrides["pool"] = args.pool
+    if args.demo and "RETRY_BACKOFF_BASE" not in os.environ:
+        # The demo's flaky operations should retry within its minute, not after 30 s each.
+        overrides["retry_backoff_base"] = 1.0
     run(load_settings(**overrides), demo=args.demo, demo_count=args.demo_count, exit_when_done=args.demo)
 
 
