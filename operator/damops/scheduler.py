@@ -393,7 +393,14 @@ class Scheduler:
         return the cursor of the StatusUpdates (its rows say what was applied)."""
         applied = None
         if completions:
-            applied = await conn.execute(store.COMPLETE_SQL, store.complete_params(completions, policy=store.RetryPolicy.from_settings(self.settings), default_max_attempts=self.settings.max_attempts))
+            applied = await conn.execute(
+                store.COMPLETE_SQL,
+                store.complete_params(
+                    completions,
+                    policy=store.RetryPolicy.from_settings(self.settings),
+                    default_max_attempts=self.settings.max_attempts,
+                ),
+            )
         if touches:
             await conn.execute(store.TOUCH_SQL, store.touch_params(touches))
         if releases:
