@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import psycopg
@@ -213,3 +214,25 @@ def test_version_help_and_db_url(database_url):
     help_text = cli(database_url, "--help").stdout
     assert "``" not in help_text and "examples:" in help_text
     assert cli(database_url, "db", "url").stdout.strip() == database_url
+
+
+def test_operator_without_a_cluster_fails_fast_in_one_line(tmp_path):
+    env = {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": ""}
+    started = time.monotonic()
+    result = cli(None, "operator", check=False, env=env)
+    user_error(result, "no Kubernetes cluster configured")
+    assert time.monotonic() - started < 30
+
+
+def test_a_reader_that_goes_away_is_not_an_error(database_url, conn):
+    enqueue_many_rows = [enqueue(conn, "noop") for _ in range(300)]
+    assert enqueue_many_rows
+    shell = subprocess.run(
+        f"{sys.executable} -m damops list --limit 300 | head -1",
+        shell=True,
+        env=dict(os.environ, DATABASE_URL=database_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr
