@@ -85,6 +85,7 @@ WITH u AS (
            END AS status
     FROM damops.operations AS o JOIN u ON o.id = u.id
     WHERE o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
+    ORDER BY o.id  -- rows locked in id order, as cancel does: no deadlock between the two
     FOR UPDATE OF o
 ), done AS (
     UPDATE damops.operations AS o
