@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # functions (tests.support.triggers) from the repository root.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # ...and may run them: module paths run only inside the allow-list.
-os.environ.setdefault("DAMOPS_ALLOWED_TRIGGERS", "tests.support")
+os.environ.setdefault("DAMOPS_ALLOWED_TRIGGERS", "tests")
 
 
 def _embedded_home(prefix: str) -> Path:

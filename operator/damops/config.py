@@ -6,10 +6,12 @@ A bad value stops start-up with a message that names the variable
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -34,6 +36,30 @@ def parse_duration(value: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+# A pool name a scheduler can serve (the same rule is a CHECK constraint on
+# damops.operations.pool): 1 to 63 characters, no white space or control characters.
+MAX_POOL_NAME = 63
+_POOL_BAD_CHARACTER = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def pool_problem(pool: object) -> str | None:
+    """None for a pool name a scheduler can serve; else what is wrong with it."""
+    if not isinstance(pool, str):
+        return f"a pool name must be a string, got {type(pool).__name__}"
+    if not pool:
+        return "a pool name must not be empty"
+    if len(pool) > MAX_POOL_NAME:
+        return f"a pool name has at most {MAX_POOL_NAME} characters, got {len(pool)}"
+    if _POOL_BAD_CHARACTER.search(pool):
+        return f"pool name {pool!r} contains white space or a control character"
+    return None
+
+
+def default_home() -> str:
+    """Per user, not per working directory: every command finds the same embedded database."""
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(data) / "damops")
+
 
 class Settings(BaseSettings):
     """Everything the scheduler, workers and housekeeping need, one source of truth."""
@@ -46,9 +72,11 @@ class Settings(BaseSettings):
         description="PostgreSQL connection URL; unset means an embedded PostgreSQL under DAMOPS_HOME.",
     )
     damops_home: str = Field(
-        default=".damops", validation_alias="DAMOPS_HOME", description="Where the embedded PostgreSQL keeps its data."
+        default_factory=default_home,
+        validation_alias="DAMOPS_HOME",
+        description="Where the embedded PostgreSQL keeps its data (default $XDG_DATA_HOME/damops).",
     )
-    pool: str = Field(default="default", min_length=1, validation_alias="DAMOPS_POOL")
+    pool: str = Field(default="default", validation_alias="DAMOPS_POOL")
     secret: str | None = Field(
         default=None,
         validation_alias="DAMOPS_SECRET",
@@ -71,6 +99,54 @@ class Settings(BaseSettings):
     housekeeping_interval: Duration = Field(default=5.0, validation_alias="HOUSEKEEPING_INTERVAL")
     shutdown_grace: Duration = Field(default=30.0, validation_alias="SHUTDOWN_GRACE")
     max_attempts: int = Field(default=3, ge=1, le=100, validation_alias="MAX_ATTEMPTS")
+    # Backoff of retryable failures (see damops.backoff for why these defaults).
+    retry_backoff_base: Duration = Field(default=30.0, validation_alias="RETRY_BACKOFF_BASE")
+    retry_backoff_max: Duration = Field(default=1800.0, validation_alias="RETRY_BACKOFF_MAX")
+    retry_backoff_jitter: float = Field(default=0.2, ge=0, le=1, validation_alias="RETRY_BACKOFF_JITTER")
+    # Retention of finished operations, next to the failed-operations cleanup
+    # and run with it (every POLL_FAILED_OPERATIONS_INTERVAL), by finish time.
+    success_operation_threshold_time_hours: float = Field(
+        default=24.0, gt=0, validation_alias="SUCCESS_OPERATION_THRESHOLD_TIME_HOURS"
+    )
+    success_operation_threshold_limit_records: int = Field(
+        default=100000, ge=0, validation_alias="SUCCESS_OPERATION_THRESHOLD_LIMIT_RECORDS"
+    )
+    cancelled_operation_threshold_time_hours: float = Field(
+        default=24.0, gt=0, validation_alias="CANCELLED_OPERATION_THRESHOLD_TIME_HOURS"
+    )
+    cancelled_operation_threshold_limit_records: int = Field(
+        default=20000, ge=0, validation_alias="CANCELLED_OPERATION_THRESHOLD_LIMIT_RECORDS"
+    )
+    # Periodic operations (JSON or YAML list; see damops.periodic).
+    periodic: str = Field(default="", validation_alias="DAMOPS_PERIODIC")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str | None) -> str | None:
+        if value:
+            import psycopg
+
+            try:
+                psycopg.conninfo.conninfo_to_dict(value)
+            except psycopg.ProgrammingError as exc:
+                raise ValueError(f"not a PostgreSQL URL (postgresql://user@host/db): {exc}") from None
+        return value
+
+    @field_validator("pool")
+    @classmethod
+    def _servable_pool(cls, value: str) -> str:
+        problem = pool_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("periodic")
+    @classmethod
+    def _periodic_parses(cls, value: str) -> str:
+        from damops.periodic import parse_schedules
+
+        parse_schedules(value)  # raises ValueError naming the bad entry
+        return value
 
 
 class ConfigError(SystemExit):
@@ -80,7 +156,7 @@ class ConfigError(SystemExit):
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; on a bad value raise ConfigError naming the variable."""
     try:
-        return Settings(**overrides)
+        return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

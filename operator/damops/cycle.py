@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 import psycopg
 
 from damops import store
+from damops.backoff import RetryPolicy
 from damops.config import Settings
 from damops.dispatch import Completion, Lease, PendingWrites, Stats
 from damops.protocol import StatusUpdate
 from damops.safejson import register_safe_jsonb
 
 log = logging.getLogger("damops.scheduler")
+# One line per finished run: turn it down with DAMOPS_LOG_LEVEL=WARNING.
+finished_log = logging.getLogger("damops.operations")
 
 RELEASE_REASON = "released: its worker or scheduler stopped before it finished"
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
@@ -56,6 +59,7 @@ class DispatchCycle:
         self.stats = stats
         self._conn: psycopg.AsyncConnection | None = None
         self._unresolved: set[str] = set()  # workers a possibly committed claim was for
+        self._policy = RetryPolicy.from_settings(settings)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -113,7 +117,10 @@ class DispatchCycle:
         """Queue the writes on ``conn``; return the cursor of the StatusUpdates (what was applied)."""
         applied = None
         if writes.completions:
-            applied = await conn.execute(store.COMPLETE_SQL, store.complete_params(writes.completions))
+            params = store.complete_params(
+                writes.completions, policy=self._policy, default_max_attempts=self.settings.max_attempts
+            )
+            applied = await conn.execute(store.COMPLETE_SQL, params)
         if writes.progress:
             await conn.execute(store.TOUCH_SQL, store.touch_params(writes.progress))
         if writes.releases:
@@ -178,14 +185,20 @@ class DispatchCycle:
         return [store.lease_from_claim(row) for row in rows]
 
     def _count(self, applied: list[tuple[object, ...]]) -> None:
-        counters = {
-            "SUCCESS": "succeeded",
-            "FAILED": "failed",
-            "NEW": "retried",
-            "WAIT": "waited",
-            "CANCELLED": "cancelled",
-        }
-        for row in applied:
-            counter = counters.get(str(row[1]))
+        """Count what the StatusUpdates did, and log one line per operation that finished a run."""
+        for done in store.completed_rows(applied):
+            counter = _COUNTERS.get(done.status)
             if counter is not None:
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+            duration = f" in {done.duration:.3f}s" if done.duration is not None else ""
+            finished_log.info(
+                "operation %d %s: %s%s (attempt %d)",
+                done.id,
+                done.trigger_function,
+                done.status,
+                duration,
+                done.attempts,
+            )
+
+
+_COUNTERS = {"SUCCESS": "succeeded", "FAILED": "failed", "NEW": "retried", "WAIT": "waited", "CANCELLED": "cancelled"}

@@ -1,14 +1,19 @@
 """Housekeeping (seed: Expired operation, Default task).
 
-Two periodic jobs, each run by one instance at a time (an advisory lock taken
-per run; every scheduler may try):
+Periodic jobs, the first two run by one instance at a time (an advisory lock
+taken per run; every scheduler may try):
 
 * expired operations: PROCESSING for longer than MAX_OPERATION_PROCESSING_TIME
-  go back to NEW while attempts remain, else FAILED saying they expired;
+  go back to NEW while attempts remain (max_attempts NULL = MAX_ATTEMPTS), else
+  FAILED saying they expired; one whose cancel was requested ends CANCELLED;
 * failed-operations cleanup (``failureOperationHeartbeat``): every
   POLL_FAILED_OPERATIONS_INTERVAL, delete FAILED operations created more than
   FAILED_OPERATION_THRESHOLD_TIME_HOURS ago and those beyond the newest
-  FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS, in bounded batches, logging each.
+  FAILED_OPERATION_THRESHOLD_LIMIT_RECORDS, in bounded batches, logging each;
+  then the same retention for SUCCESS and CANCELLED operations (by finish
+  time, their own settings), summarised in one log line;
+* periodic operations (DAMOPS_PERIODIC, see damops.periodic) on every run;
+  one operation per tick is guaranteed by the database, not by the lock.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 
 import psycopg
 
+from damops import lifecycle
 from damops.config import Settings
 from damops.db import HOUSEKEEPING_LOCK_KEY
+from damops.periodic import Schedule, parse_schedules, run_periodic
 
 log = logging.getLogger("damops.housekeeping")
 cleanup_log = logging.getLogger("damops.housekeeping.failed_cleanup")
@@ -33,14 +40,30 @@ DELETE_BATCH = 1000
 # row that changed while we waited for its lock, so an operation that has just
 # finished is never overwritten.
 RECOVER_EXPIRED_SQL = """
-UPDATE damops.operations
-SET status = CASE WHEN attempts < max_attempts THEN 'NEW' ELSE 'FAILED' END,
-    error = format('operation expired: PROCESSING for longer than MAX_OPERATION_PROCESSING_TIME (%%ss)'
-                   ' on worker %%s, attempt %%s of %%s', %(limit)s, coalesce(worker, '?'), attempts, max_attempts),
-    worker = NULL,
-    updated = now()
-WHERE status = 'PROCESSING' AND updated < now() - make_interval(secs => %(limit)s)
-RETURNING id, status
+WITH expired AS (
+    UPDATE damops.operations AS o
+    SET status = CASE
+            WHEN o.cancel_requested IS NOT NULL THEN 'CANCELLED'
+            WHEN o.attempts < coalesce(o.max_attempts, %(default_max_attempts)s) THEN 'NEW'
+            ELSE 'FAILED' END,
+        error = format('operation expired: PROCESSING for longer than MAX_OPERATION_PROCESSING_TIME (%%ss)'
+                       ' on worker %%s, attempt %%s of %%s', %(limit)s, coalesce(o.worker, '?'), o.attempts,
+                       coalesce(o.max_attempts, %(default_max_attempts)s)),
+        finished = CASE WHEN o.cancel_requested IS NOT NULL
+                          OR o.attempts >= coalesce(o.max_attempts, %(default_max_attempts)s) THEN now() END,
+        run_after = NULL,
+        worker = NULL,
+        updated = now()
+    FROM (SELECT id, worker FROM damops.operations
+          WHERE status = 'PROCESSING' AND updated < now() - make_interval(secs => %(limit)s)
+          FOR UPDATE) AS before
+    WHERE o.id = before.id AND o.status = 'PROCESSING' AND o.updated < now() - make_interval(secs => %(limit)s)
+    RETURNING o.id, o.status, o.attempts, before.worker, o.error, o.started
+), history AS (
+    INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, started)
+    SELECT id, attempts, worker, 'expired', status, error, started FROM expired
+)
+SELECT id, status FROM expired
 """
 
 DELETE_OLD_FAILED_SQL = """
@@ -76,15 +99,26 @@ class CleanupResult:
 
 
 def _try_lock(conn: psycopg.Connection) -> bool:
-    return bool(conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone()[0])
+    row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone()
+    return bool(row and row[0])
 
 
-def recover_expired_operations(conn: psycopg.Connection, max_processing_seconds: float) -> dict[int, str] | None:
+def _try_session_lock(conn: psycopg.Connection) -> bool:
+    """For jobs that span many short transactions."""
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone()
+    return bool(row and row[0])
+
+
+def recover_expired_operations(
+    conn: psycopg.Connection, max_processing_seconds: float, default_max_attempts: int = 3
+) -> dict[int, str] | None:
     """One run; returns {id: new status}, or None when another instance holds the lock."""
     with conn.transaction():
         if not _try_lock(conn):
             return None
-        rows = conn.execute(RECOVER_EXPIRED_SQL, {"limit": max_processing_seconds}).fetchall()
+        rows = conn.execute(
+            RECOVER_EXPIRED_SQL, {"limit": max_processing_seconds, "default_max_attempts": default_max_attempts}
+        ).fetchall()
     for op_id, status in rows:
         log.warning("expired operation %d recovered: now %s", op_id, status)
     return dict(rows)
@@ -119,7 +153,7 @@ def cleanup_failed_operations(
 ) -> CleanupResult | None:
     """One run of the failed-operations cleanup; None when another instance holds the lock."""
     # A session lock: the cleanup spans many short transactions.
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (HOUSEKEEPING_LOCK_KEY,)).fetchone()[0]:
+    if not _try_session_lock(conn):
         return None
     try:
         by_age = _delete_in_batches(
@@ -138,6 +172,47 @@ def cleanup_failed_operations(
     return CleanupResult(by_age, by_count)
 
 
+@dataclass(frozen=True)
+class RetentionResult:
+    """Deleted per status: (by age, by count)."""
+
+    deleted: dict[str, tuple[int, int]]
+
+
+def retain_finished_operations(
+    conn: psycopg.Connection, limits: dict[str, tuple[float, int]]
+) -> RetentionResult | None:
+    """Retention of SUCCESS and CANCELLED operations: ``limits`` maps a status to
+    (threshold hours, records kept). None when another instance holds the lock."""
+    if not _try_session_lock(conn):
+        return None
+    deleted: dict[str, tuple[int, int]] = {}
+    try:
+        for status, (hours, keep) in limits.items():
+            by_age = lifecycle.purge(conn, [status], older_than=hours * 3600.0, batch=DELETE_BATCH)
+            by_count = lifecycle.purge_excess(conn, status, keep, batch=DELETE_BATCH)
+            deleted[status] = (by_age, by_count)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (HOUSEKEEPING_LOCK_KEY,))
+    summary = ", ".join(f"{s} {a} by age and {c} by count" for s, (a, c) in deleted.items() if a or c)
+    if summary:
+        log.info("retention deleted %s", summary)
+    return RetentionResult(deleted)
+
+
+def retention_limits(settings: Settings) -> dict[str, tuple[float, int]]:
+    return {
+        "SUCCESS": (
+            settings.success_operation_threshold_time_hours,
+            settings.success_operation_threshold_limit_records,
+        ),
+        "CANCELLED": (
+            settings.cancelled_operation_threshold_time_hours,
+            settings.cancelled_operation_threshold_limit_records,
+        ),
+    }
+
+
 class Housekeeper:
     """Runs both jobs on their intervals until stopped; survives database outages."""
 
@@ -146,6 +221,8 @@ class Housekeeper:
         self.database_url = database_url
         self._stop = asyncio.Event()
         self.last_cleanup: CleanupResult | None = None
+        self.last_retention: RetentionResult | None = None
+        self.schedules: list[Schedule] = parse_schedules(settings.periodic)
 
     def stop(self) -> None:
         self._stop.set()
@@ -155,8 +232,11 @@ class Housekeeper:
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self._recover)
+                if self.schedules:
+                    await asyncio.to_thread(self._periodic)
                 if time.monotonic() >= next_cleanup:
                     self.last_cleanup = await asyncio.to_thread(self._cleanup)
+                    self.last_retention = await asyncio.to_thread(self._retain)
                     next_cleanup = time.monotonic() + self.settings.poll_failed_operations_interval
             except psycopg.Error as exc:
                 log.warning("housekeeping skipped a run: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
@@ -167,7 +247,15 @@ class Housekeeper:
 
     def _recover(self) -> None:
         with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
-            recover_expired_operations(conn, self.settings.max_operation_processing_time)
+            recover_expired_operations(conn, self.settings.max_operation_processing_time, self.settings.max_attempts)
+
+    def _periodic(self) -> None:
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
+            run_periodic(conn, self.schedules)
+
+    def _retain(self) -> RetentionResult | None:
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
+            return retain_finished_operations(conn, retention_limits(self.settings))
 
     def _cleanup(self) -> CleanupResult | None:
         with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:

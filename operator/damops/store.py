@@ -1,33 +1,58 @@
-"""The scheduler's statements: claim, complete, touch, give back.
+"""The scheduler's statements: claim, complete, touch, give back, cancel requests.
 
 Each is one statement however many operations it covers. Every statement that
 changes a PROCESSING row checks that the row is still held by the same worker
 for the same attempt, so a late or duplicate StatusUpdate can never overwrite
-a newer state.
+a newer state (a retry, a cancel, a recovery).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from damops.backoff import DEFAULT_POLICY, RetryPolicy, retry_delay
 from damops.dispatch import Completion, Lease
 
+# Bounds on what one attempt may leave in the database.
+MAX_TRACEBACK_CHARS = 16_000
+MAX_PROGRESS_MESSAGE_CHARS = 1_000
+
+# Two index ranges (see migration 0002): operations ready now in (priority, id)
+# order, and delayed ones (scheduled, or a retry's backoff) whose run_after has
+# passed. Each range locks at most `limit` rows with SKIP LOCKED; the outer
+# query keeps the best `limit` of both. Rows scheduled for later are never read.
 CLAIM_SQL = """
 UPDATE damops.operations AS o
-SET status = 'PROCESSING', updated = now(), attempts = o.attempts + 1, worker = w.name
+SET status = 'PROCESSING', updated = now(), started = now(), attempts = o.attempts + 1,
+    worker = w.name, last_worker = w.name, run_after = NULL, progress_message = NULL, progress_fraction = NULL
 FROM (
     SELECT id, row_number() OVER (ORDER BY priority, id) AS slot
     FROM (
-        SELECT id, priority FROM damops.operations
-        WHERE pool = %(pool)s
-          AND (status = 'NEW'
-               OR (status = 'WAIT' AND updated < now() - make_interval(secs => %(wait_interval)s)))
+        SELECT id, priority FROM (
+            SELECT * FROM (
+                SELECT id, priority FROM damops.operations
+                WHERE pool = %(pool)s AND run_after IS NULL
+                  AND (status = 'NEW'
+                       OR (status = 'WAIT' AND updated < now() - make_interval(secs => %(wait_interval)s)))
+                ORDER BY priority, id
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            ) AS ready
+            UNION ALL
+            SELECT * FROM (
+                SELECT id, priority FROM damops.operations
+                WHERE pool = %(pool)s AND status = 'NEW' AND run_after IS NOT NULL AND run_after <= now()
+                ORDER BY run_after
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            ) AS due
+        ) AS candidates
         ORDER BY priority, id
         LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
     ) AS locked
 ) AS claimed
 JOIN unnest(%(workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
@@ -35,30 +60,66 @@ WHERE o.id = claimed.id
 RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker
 """
 
-# Retryable failures go back to NEW while attempts remain; WAIT gives the
-# attempt back (waiting is not failing).
+# The outcome, decided once per row (`decided`, which also locks it), then
+# written to the operation and to its attempt history in the same statement.
+# - a cancel was requested: success still wins (it finished first), anything
+#   else ends CANCELLED;
+# - a retryable failure goes back to NEW, not before now() + its delay, while
+#   attempts remain (max_attempts NULL = the MAX_ATTEMPTS setting);
+# - WAIT gives the attempt back (waiting is not failing).
 COMPLETE_SQL = """
-UPDATE damops.operations AS o
-SET status = CASE
-        WHEN u.outcome = 'success' THEN 'SUCCESS'
-        WHEN u.outcome = 'wait' THEN 'WAIT'
-        WHEN u.retryable AND o.attempts < o.max_attempts THEN 'NEW'
-        ELSE 'FAILED' END,
-    result = CASE WHEN u.outcome = 'success' THEN u.result ELSE o.result END,
-    error = u.error,
-    attempts = CASE WHEN u.outcome = 'wait' THEN greatest(o.attempts - 1, 0) ELSE o.attempts END,
-    worker = NULL,
-    updated = now()
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[], %(outcomes)s::text[],
-            %(results)s::jsonb[], %(errors)s::text[], %(retryables)s::bool[])
-     AS u(id, attempt, worker, outcome, result, error, retryable)
-WHERE o.id = u.id AND o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
-RETURNING o.id, o.status
+WITH u AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[], %(outcomes)s::text[],
+                         %(results)s::jsonb[], %(errors)s::text[], %(retryables)s::bool[],
+                         %(delays)s::float8[], %(tracebacks)s::text[])
+        AS u(id, attempt, worker, outcome, result, error, retryable, delay, traceback)
+), decided AS (
+    SELECT o.id, u.attempt, u.worker, u.outcome, u.result, u.error, u.retryable, u.delay, u.traceback,
+           CASE
+               WHEN o.cancel_requested IS NOT NULL AND u.outcome <> 'success' THEN 'CANCELLED'
+               WHEN u.outcome = 'success' THEN 'SUCCESS'
+               WHEN u.outcome = 'wait' THEN 'WAIT'
+               WHEN u.retryable AND o.attempts < coalesce(o.max_attempts, %(default_max_attempts)s) THEN 'NEW'
+               ELSE 'FAILED'
+           END AS status
+    FROM damops.operations AS o JOIN u ON o.id = u.id
+    WHERE o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
+    ORDER BY o.id  -- rows locked in id order, as cancel does: no deadlock between the two
+    FOR UPDATE OF o
+), done AS (
+    UPDATE damops.operations AS o
+    SET status = d.status,
+        result = CASE WHEN d.status = 'SUCCESS' THEN d.result ELSE o.result END,
+        error = CASE
+            WHEN d.status = 'CANCELLED' THEN 'cancelled' || coalesce(': ' || d.error, '')
+            WHEN d.status = 'SUCCESS' THEN NULL
+            ELSE d.error END,
+        attempts = CASE WHEN d.status = 'WAIT' THEN greatest(o.attempts - 1, 0) ELSE o.attempts END,
+        run_after = CASE WHEN d.status = 'NEW' THEN now() + make_interval(secs => d.delay) END,
+        finished = CASE WHEN d.status IN ('SUCCESS', 'FAILED', 'CANCELLED') THEN now() END,
+        worker = NULL,
+        updated = now()
+    FROM decided AS d
+    WHERE o.id = d.id
+    RETURNING o.id, o.status, o.trigger_function, o.attempts, o.started,
+              d.attempt, d.worker, d.outcome, d.error, d.traceback
+), history AS (
+    INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, traceback, started)
+    SELECT id, attempt, worker, outcome, status, error, traceback, started FROM done
+)
+SELECT id, status, trigger_function, attempts, extract(epoch FROM now() - started)::float8 AS duration
+FROM done
 """
 
+# Progress refreshes lastTouched and keeps the latest message and fraction; a
+# progress() call without a message (or fraction) keeps the previous one.
 TOUCH_SQL = """
-UPDATE damops.operations SET updated = now()
-WHERE id = ANY(%(ids)s::bigint[]) AND status = 'PROCESSING'
+UPDATE damops.operations AS o
+SET updated = now(),
+    progress_message = coalesce(u.message, o.progress_message),
+    progress_fraction = coalesce(u.fraction, o.progress_fraction)
+FROM unnest(%(ids)s::bigint[], %(messages)s::text[], %(fractions)s::float8[]) AS u(id, message, fraction)
+WHERE o.id = u.id AND o.status = 'PROCESSING'
 """
 
 # After a connection error in a cycle the claim may or may not have committed:
@@ -77,23 +138,55 @@ SELECT id, attempts, worker FROM damops.operations
 WHERE status = 'PROCESSING' AND pool = %(pool)s AND worker LIKE %(prefix)s
 """
 
-# Shutdown, and hand-overs that never reached the trigger function: back to
-# NEW without using up an attempt.
+# Shutdown: unfinished operations go back to NEW without using up an attempt;
+# one whose cancel was requested ends CANCELLED instead.
 RELEASE_SQL = """
 UPDATE damops.operations AS o
-SET status = 'NEW', attempts = greatest(o.attempts - 1, 0), worker = NULL, updated = now(),
-    error = %(reason)s
+SET status = CASE WHEN o.cancel_requested IS NOT NULL THEN 'CANCELLED' ELSE 'NEW' END,
+    attempts = CASE WHEN o.cancel_requested IS NOT NULL THEN o.attempts ELSE greatest(o.attempts - 1, 0) END,
+    finished = CASE WHEN o.cancel_requested IS NOT NULL THEN now() END,
+    worker = NULL, updated = now(),
+    error = CASE WHEN o.cancel_requested IS NOT NULL THEN 'cancelled: ' || %(reason)s ELSE %(reason)s END
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[]) AS u(id, attempt, worker)
 WHERE o.id = u.id AND o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
 RETURNING o.id
 """
+
+# PROCESSING operations of a pool whose cancel was requested: the scheduler
+# sends each worker a cancel (the `damops_cancel` NOTIFY, payload = pool, says when to look).
+CANCEL_REQUESTED_SQL = """
+SELECT id, attempts, worker FROM damops.operations
+WHERE pool = %(pool)s AND status = 'PROCESSING' AND cancel_requested IS NOT NULL
+ORDER BY id
+"""
+CANCEL_NOTIFY_CHANNEL = "damops_cancel"
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A row of COMPLETE_SQL's result: what a StatusUpdate did."""
+
+    id: int
+    status: str
+    trigger_function: str
+    attempts: int
+    duration: float | None
 
 
 def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dict[str, Any]:
     return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
 
 
-def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
+def bound_traceback(text: str | None) -> str | None:
+    """Keep the end of a long traceback: the innermost frames and the error are there."""
+    if text is None or len(text) <= MAX_TRACEBACK_CHARS:
+        return text
+    return "[... truncated ...]\n" + text[-(MAX_TRACEBACK_CHARS - 20) :]
+
+
+def complete_params(
+    completions: Sequence[Completion], *, policy: RetryPolicy = DEFAULT_POLICY, default_max_attempts: int = 3
+) -> dict[str, Any]:
     updates = [c.update for c in completions]
     return {
         "ids": [u.id for u in updates],
@@ -103,15 +196,30 @@ def complete_params(completions: Sequence[Completion]) -> dict[str, Any]:
         "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
         "errors": [u.error for u in updates],
         "retryables": [u.retryable for u in updates],
+        # Used only by rows that go back to NEW; computed for all, it is cheap.
+        "delays": [retry_delay(u.attempt, u.retry_after, policy) for u in updates],
+        "tracebacks": [bound_traceback(u.traceback) for u in updates],
+        "default_max_attempts": default_max_attempts,
     }
 
 
-def touch_params(progress: Mapping[int, tuple[str | None, float | None]]) -> dict[str, Any]:
-    """Progress reported per operation id: (message, fraction), the latest of each."""
+def completed_rows(rows: Iterable[Sequence[Any]]) -> list[Completed]:
+    return [Completed(*row) for row in rows]
+
+
+def _fraction(value: float | None) -> float | None:
+    if value is None or value != value:  # NaN says nothing
+        return None
+    return min(1.0, max(0.0, float(value)))
+
+
+def touch_params(progress: Mapping[int, tuple[str | None, float | None]] | Iterable[int]) -> dict[str, Any]:
+    """``progress`` maps operation id -> (message, fraction); a plain set of ids only touches."""
+    items = list(progress.items()) if isinstance(progress, Mapping) else [(op_id, (None, None)) for op_id in progress]
     return {
-        "ids": list(progress),
-        "messages": [message for message, _ in progress.values()],
-        "fractions": [fraction for _, fraction in progress.values()],
+        "ids": [op_id for op_id, _ in items],
+        "messages": [None if m is None else str(m)[:MAX_PROGRESS_MESSAGE_CHARS] for _, (m, _f) in items],
+        "fractions": [_fraction(f) for _, (_m, f) in items],
     }
 
 
@@ -128,3 +236,7 @@ def lease_from_claim(row: Sequence[Any]) -> Lease:
     """A row of CLAIM_SQL or RESOLVE_CLAIMS_SQL as the lease it gives its worker."""
     op_id, trigger_function, inputs, attempt, worker = row
     return Lease(op_id, attempt, worker, trigger_function, inputs)
+
+
+def cancel_requested_params(pool: str) -> dict[str, Any]:
+    return {"pool": pool}
