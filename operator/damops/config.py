@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     )
     housekeeping_interval: Duration = Field(default=5.0, validation_alias="HOUSEKEEPING_INTERVAL")
     shutdown_grace: Duration = Field(default=30.0, validation_alias="SHUTDOWN_GRACE")
+    # After a cancel reached a running operation: how long it may take to stop
+    # before its worker is killed and replaced.
+    cancel_grace: Duration = Field(default=10.0, validation_alias="CANCEL_GRACE")
     max_attempts: int = Field(default=3, ge=1, le=100, validation_alias="MAX_ATTEMPTS")
     # Backoff of retryable failures (see damops.backoff for why these defaults).
     retry_backoff_base: Duration = Field(default=30.0, validation_alias="RETRY_BACKOFF_BASE")

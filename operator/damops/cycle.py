@@ -95,6 +95,12 @@ class DispatchCycle:
             await self._write_one_by_one(conn, writes, pending)
         return result
 
+    async def cancel_requests(self) -> list[tuple[int, int, str]]:
+        """(id, attempt, worker) of this pool's PROCESSING operations with a cancel request."""
+        conn = await self._connection()
+        cur = await conn.execute(store.CANCEL_REQUESTED_SQL, store.cancel_requested_params(self.pool))
+        return [(int(op_id), int(attempt), str(worker)) for op_id, attempt, worker in await cur.fetchall()]
+
     async def flush(self, pending: PendingWrites) -> None:
         """Write everything buffered (at shutdown); connection errors propagate."""
         writes = pending.take()

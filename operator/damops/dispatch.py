@@ -85,6 +85,7 @@ class Effects:
     releases: list[Lease] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)  # kill and replace the worker process / pod
     forget: list[str] = field(default_factory=list)  # close the channel, drop the worker
+    cancels: list[Lease] = field(default_factory=list)  # send a Cancel to the lease's worker
     wake: bool = False  # run a dispatch cycle soon
 
     def __iadd__(self, other: Effects) -> Effects:
@@ -93,6 +94,7 @@ class Effects:
         self.releases += other.releases
         self.restart += other.restart
         self.forget += other.forget
+        self.cancels += other.cancels
         self.wake = self.wake or other.wake
         return self
 
@@ -143,6 +145,7 @@ class WorkerTable:
         # Leases given back at shutdown: a StatusUpdate for one that still arrives
         # is not written (the operation is NEW again, maybe already elsewhere).
         self._released_at_stop: set[tuple[int, int]] = set()
+        self._cancel_sent: dict[tuple[int, int], float] = {}  # lease -> when its Cancel was sent
 
     # --- the worker set -------------------------------------------------
 
@@ -325,6 +328,33 @@ class WorkerTable:
                 worker.last_touched = now
                 effects.restart.append(worker.name)
         return effects
+
+    def cancel_requested(self, requested: list[tuple[int, int, str]], now: float, grace: float) -> Effects:
+        """Leases of ours whose cancel was requested (id, attempt, worker): send each a
+        Cancel once; one still running ``grace`` seconds later has its worker killed
+        and replaced, as an expired worker, and ends CANCELLED (the database decides)."""
+        effects = Effects()
+        wanted = {(op_id, attempt) for op_id, attempt, _ in requested}
+        self._cancel_sent = {key: sent for key, sent in self._cancel_sent.items() if key in wanted}
+        for worker in self.workers.values():
+            lease = worker.lease
+            if lease is None or (lease.id, lease.attempt) not in wanted:
+                continue
+            sent = self._cancel_sent.get((lease.id, lease.attempt))
+            if sent is None:
+                self._cancel_sent[(lease.id, lease.attempt)] = now
+                effects.cancels.append(lease)
+            elif now - sent > grace:
+                effects += self._recover(
+                    worker, f"cancelled: the trigger function did not stop within CANCEL_GRACE ({grace:g}s)"
+                )
+                worker.state = WorkerState.PENDING
+                worker.last_touched = now
+                effects.restart.append(worker.name)
+        return effects
+
+    def cancels_pending(self) -> bool:
+        return bool(self._cancel_sent)
 
     def leases(self) -> list[Lease]:
         return [w.lease for w in self.workers.values() if w.lease is not None]

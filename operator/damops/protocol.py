@@ -116,6 +116,14 @@ class Progress(_Message):
     fraction: float | None = None
 
 
+class Cancel(_Message):
+    """Scheduler -> sidecar -> worker: stop this operation if you can (``context.cancelled``)."""
+
+    type: Literal["cancel"] = "cancel"
+    id: int
+    attempt: int
+
+
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
 
@@ -125,10 +133,20 @@ class Shutdown(_Message):
 
 
 Message = Annotated[
-    Challenge | Hello | Welcome | Ready | NotReady | Operation | StatusUpdate | Progress | Heartbeat | Shutdown,
+    Challenge
+    | Hello
+    | Welcome
+    | Ready
+    | NotReady
+    | Operation
+    | StatusUpdate
+    | Progress
+    | Cancel
+    | Heartbeat
+    | Shutdown,
     Field(discriminator="type"),
 ]
-_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
+_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)  # type: ignore[arg-type]
 
 
 def encode(message: _Message, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:

@@ -33,7 +33,7 @@ from damops.channels import SidecarChannels
 from damops.config import Settings
 from damops.cycle import CONNECTION_ERRORS, DispatchCycle, first_line
 from damops.dispatch import Completion, Effects, Lease, PendingWrites, Snapshot, WorkerTable, failure
-from damops.protocol import NotReady, Progress, Ready, StatusUpdate, Welcome
+from damops.protocol import Cancel, NotReady, Progress, Ready, StatusUpdate, Welcome
 from damops.safejson import undecodable_reason
 
 log = logging.getLogger("damops.scheduler")
@@ -65,6 +65,7 @@ class Scheduler:
         self._cycle = DispatchCycle(settings, database_url, self.pool, self.stats)
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._cancel_check = False  # a cancel was requested in this pool: look which
         self._stopping = False
         self._backoff = 0.1  # seconds before the next database retry; doubles up to 5 s
         self._loops: list[asyncio.Task[None]] = []
@@ -188,6 +189,11 @@ class Scheduler:
                 task.add_done_callback(self._background.discard)
         for name in effects.forget:
             self._channels.close(name)
+        for lease in effects.cancels:
+            try:
+                self._channels.send(lease.worker, Cancel(id=lease.id, attempt=lease.attempt))
+            except KeyError:
+                pass  # no channel now: the next check sends nothing more, the grace still runs out
         if effects.wake or effects.completions or effects.releases:
             self._wake.set()
 
@@ -216,6 +222,14 @@ class Scheduler:
             if now - last_expiry_check >= self.settings.scheduler_heartbeat:
                 last_expiry_check = now
                 self._apply(self.table.expire(now, self.settings.max_worker_active_time))
+                self._cancel_check = True  # NOTIFY is prompt; the heartbeat catches a missed one
+            try:
+                if self._cancel_check and self.table.leases():
+                    self._cancel_check = False
+                    requested = await self._cycle.cancel_requests()
+                    self._apply(self.table.cancel_requested(requested, now, self.settings.cancel_grace))
+            except CONNECTION_ERRORS:
+                pass  # the cycle below meets the same error and backs off
             try:
                 await self._run_cycle()
                 self._backoff = 0.1
@@ -273,10 +287,14 @@ class Scheduler:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {store.CANCEL_NOTIFY_CHANNEL}")
                     delay = 0.1
+                    self._cancel_check = True
                     self._wake.set()  # catch anything inserted while we were not listening
                     async for notify in conn.notifies():
                         if notify.payload == self.pool:
+                            if notify.channel == store.CANCEL_NOTIFY_CHANNEL:
+                                self._cancel_check = True
                             self._wake.set()
             except CONNECTION_ERRORS as exc:
                 log.debug("LISTEN connection lost: %s", exc)

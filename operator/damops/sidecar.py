@@ -22,6 +22,7 @@ from damops import protocol
 from damops.lifeline import die_with_parent
 from damops.loop import run as run_loop
 from damops.protocol import (
+    Cancel,
     Heartbeat,
     NotReady,
     Operation,
@@ -174,6 +175,10 @@ class Sidecar:
                 message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, Operation):
                     self._assign(message, frame)
+                elif isinstance(message, Cancel):
+                    running = self.assignment
+                    if running and (running.id, running.attempt) == (message.id, message.attempt) and self.worker:
+                        self.worker.send_frame_nowait(frame)
                 elif isinstance(message, Shutdown):
                     if self.worker is not None:
                         self.worker.send_nowait(message)

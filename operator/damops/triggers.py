@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -54,10 +55,21 @@ class Context:
     attempt: int
     logger: logging.Logger
     _report_progress: Callable[[str | None, float | None], None] = field(repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def progress(self, message: str | None = None, fraction: float | None = None) -> None:
         """Say the operation is still moving; refreshes the worker's lastTouched."""
         self._report_progress(message, fraction)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once someone cancelled the operation: stop cleanly and return (or raise).
+        Past CANCEL_GRACE the worker is killed and replaced."""
+        return self._cancel.is_set()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking at once on a cancel; True if cancelled."""
+        return self._cancel.wait(timeout)
 
 
 ALLOWED_ENV = "DAMOPS_ALLOWED_TRIGGERS"

@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ from typing import Any
 
 from damops import protocol
 from damops.lifeline import die_with_parent
-from damops.protocol import Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
+from damops.protocol import Cancel, Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
 from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
 log = logging.getLogger("damops.worker")
@@ -89,6 +90,8 @@ class WorkerRuntime:
         self._resolved: dict[str, _Resolved] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: BlockingChannel | None = None
+        self._cancels: dict[tuple[int, int], threading.Event] = {}  # per queued or running operation
+        self._cancels_lock = threading.Lock()
 
     def preload(self, names: list[str]) -> None:
         """Import trigger functions before saying Ready (pre-heating): the first
@@ -108,19 +111,48 @@ class WorkerRuntime:
         log.info("worker %s (pid %d) ready", self.name, os.getpid())
         stop_beating = threading.Event()
         threading.Thread(target=self._heartbeat, args=(channel, stop_beating), daemon=True).start()
+        inbox: queue.Queue[Operation | BaseException | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(channel, inbox), daemon=True, name="reader").start()
+        try:
+            while True:
+                item = inbox.get()
+                if item is None:
+                    log.info("worker %s shutting down", self.name)
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                try:
+                    channel.send_frame(self._frame(self.handle(item)))
+                finally:
+                    with self._cancels_lock:
+                        self._cancels.pop((item.id, item.attempt), None)
+        finally:
+            stop_beating.set()
+            channel.close()
+
+    def _read(self, channel: BlockingChannel, inbox: queue.Queue[Operation | BaseException | None]) -> None:
+        """The reader thread: operations go to the main thread, a Cancel reaches the
+        running operation's context at once (the main thread is busy running it)."""
         try:
             while True:
                 message = channel.receive()
                 if isinstance(message, Operation):
-                    channel.send_frame(self._frame(self.handle(message)))
+                    with self._cancels_lock:
+                        self._cancels[(message.id, message.attempt)] = threading.Event()
+                    inbox.put(message)
+                elif isinstance(message, Cancel):
+                    with self._cancels_lock:
+                        event = self._cancels.get((message.id, message.attempt))
+                    if event is not None:
+                        log.info("operation %d: cancel requested", message.id)
+                        event.set()
                 elif isinstance(message, Shutdown):
-                    log.info("worker %s shutting down", self.name)
+                    inbox.put(None)
                     return
                 elif not isinstance(message, Heartbeat):
                     raise protocol.ProtocolError(f"unexpected {message.type} from the sidecar")
-        finally:
-            stop_beating.set()
-            channel.close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which ends the worker
+            inbox.put(exc)
 
     def _connect(self) -> socket.socket:
         """The sidecar may start after us: retry until its socket answers."""
@@ -181,7 +213,9 @@ class WorkerRuntime:
             return failure(str(exc), retryable=False)
         args: tuple[Any, ...] = (op.inputs,)
         if target.takes_context:
-            args = (op.inputs, Context(op.id, op.attempt, target.logger, self._progress(op.id)))
+            with self._cancels_lock:
+                cancel = self._cancels.setdefault((op.id, op.attempt), threading.Event())
+            args = (op.inputs, Context(op.id, op.attempt, target.logger, self._progress(op.id), cancel))
         try:
             result = target.function(*args)
             if inspect.isawaitable(result):

@@ -100,11 +100,12 @@ def statuses(database_url: str, ids: Iterable[int]) -> dict[int, str]:
 
 
 async def wait_final(database_url: str, ids: list[int], timeout: float = 60) -> dict[int, str]:
-    """Wait until every operation in ids is SUCCESS or FAILED; return their statuses."""
+    """Wait until every operation in ids is final (SUCCESS, FAILED or CANCELLED); return their statuses."""
 
     def check():
         found = statuses(database_url, ids)
-        return found if all(s in ("SUCCESS", "FAILED") for s in found.values()) and len(found) == len(ids) else None
+        final = all(s in ("SUCCESS", "FAILED", "CANCELLED") for s in found.values())
+        return found if final and len(found) == len(ids) else None
 
     return await wait_until_db(check, timeout, f"{len(ids)} operations to reach a final state", interval=0.1)
 

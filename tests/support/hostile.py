@@ -71,3 +71,18 @@ def _deep(levels: int) -> Any:
     for _ in range(levels):
         value = [value]
     return value
+
+
+def until_cancelled(inputs: dict[str, Any], context: Any) -> dict[str, str]:
+    """Writes inputs['flag'] with its pid, then works until cancelled and stops cleanly."""
+    Path(inputs["flag"]).write_text(str(os.getpid()))
+    if context.wait_cancelled(float(inputs.get("seconds", 120))):
+        raise RuntimeError("stopped: cancelled")
+    return {"finished": "not cancelled"}
+
+
+def ignores_cancel(inputs: dict[str, Any], context: Any) -> None:
+    """Writes inputs['flag'] with its pid and never returns, cancelled or not."""
+    Path(inputs["flag"]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(3600)

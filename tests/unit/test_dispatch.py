@@ -190,3 +190,23 @@ def test_a_worker_that_died_with_its_operation_is_not_free_until_ready_again():
     assert table.claimable() == [] and table.workers["w1"].state is WorkerState.PENDING
     table.ready("w1", 2, 2.0)
     assert table.claimable() == ["w1"]
+
+
+def test_a_cancel_is_sent_once_and_the_worker_restarted_after_the_grace():
+    table = ready_table("w1", "w2")
+    table.assign(lease(), 0.0)
+    first = table.cancel_requested([(7, 1, "w1"), (99, 1, "w2")], now=1.0, grace=5.0)
+    assert first.cancels == [lease()] and first.restart == []  # 99 is not ours
+    assert table.cancel_requested([(7, 1, "w1")], now=3.0, grace=5.0).cancels == []  # once
+    late = table.cancel_requested([(7, 1, "w1")], now=6.5, grace=5.0)
+    assert late.restart == ["w1"] and "CANCEL_GRACE" in (late.completions[0].update.error or "")
+    assert table.workers["w1"].lease is None
+
+
+def test_a_cancel_for_a_lease_that_ended_is_forgotten():
+    table = ready_table("w1")
+    table.assign(lease(), 0.0)
+    table.cancel_requested([(7, 1, "w1")], now=1.0, grace=5.0)
+    table.status("w1", success(), 2.0)  # the completion won the race
+    assert table.cancel_requested([], now=9.0, grace=5.0).restart == []
+    assert not table.cancels_pending()
