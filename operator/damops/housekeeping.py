@@ -1,7 +1,7 @@
 """Housekeeping (seed: Expired operation, Default task).
 
-Periodic jobs, the first two run by one instance at a time (an advisory lock
-taken per run; every scheduler may try):
+Periodic jobs, all but the last run by one instance at a time (an advisory
+lock taken per run; every scheduler may try):
 
 * expired operations: PROCESSING for longer than MAX_OPERATION_PROCESSING_TIME
   go back to NEW while attempts remain (max_attempts NULL = MAX_ATTEMPTS), else
@@ -56,6 +56,7 @@ WITH expired AS (
         updated = now()
     FROM (SELECT id, worker FROM damops.operations
           WHERE status = 'PROCESSING' AND updated < now() - make_interval(secs => %(limit)s)
+          ORDER BY id
           FOR UPDATE) AS before
     WHERE o.id = before.id AND o.status = 'PROCESSING' AND o.updated < now() - make_interval(secs => %(limit)s)
     RETURNING o.id, o.status, o.attempts, before.worker, o.error, o.started
