@@ -159,7 +159,7 @@ def test_list_and_status_are_tables_and_json(database_url, conn):
     )
     conn.execute(
         "INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, traceback, started)"
-        " VALUES (%s, 1, 'w7', 'failure', 'FAILED', 'RuntimeError: disk full', 'Traceback...', now())",
+        " VALUES (%s, 1, 'w7', 'failure', 'FAILED', 'RuntimeError: disk full [/]', 'Traceback...', now())",
         (op_id,),
     )
     table = cli(database_url, "list").stdout
@@ -168,6 +168,7 @@ def test_list_and_status_are_tables_and_json(database_url, conn):
     assert [r["id"] for r in listed] == [op_id] and listed[0]["last_worker"] == "w7"
     shown = cli(database_url, "status", str(op_id)).stdout
     assert "render_rendition" in shown and "p9 / 4" in shown and "last: w7" in shown and "attempts" in shown
+    assert "disk full [/]" in shown and "Traceback..." in shown  # data, not markup
     detail = json.loads(cli(database_url, "status", str(op_id), "--json").stdout)
     assert detail["trigger_function"] == "render_rendition" and detail["history"][0]["traceback"] == "Traceback..."
 
