@@ -239,7 +239,7 @@ class Housekeeper:
                     self.last_cleanup = await asyncio.to_thread(self._cleanup)
                     self.last_retention = await asyncio.to_thread(self._retain)
                     next_cleanup = time.monotonic() + self.settings.poll_failed_operations_interval
-            except psycopg.Error as exc:
+            except (psycopg.Error, ValueError, RuntimeError) as exc:  # next run tries again
                 log.warning("housekeeping skipped a run: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.settings.housekeeping_interval)
