@@ -497,3 +497,29 @@ def test_cancel_waits_for_a_concurrent_claim_and_then_requests_the_cancel(databa
     assert outcome["r"].requested == [op_id] and outcome["r"].cancelled == []
     [done] = complete(conn, held, "failure", error="stopped by its cancel")
     assert done.status == "CANCELLED"
+
+
+def test_concurrent_claimers_take_ready_and_due_operations_once(database_url, conn):
+    ready = enqueue_many(conn, [NewOperation("noop", priority=i % 3) for i in range(100)])
+    due = enqueue_many(
+        conn, [NewOperation("noop", run_after=datetime.now(UTC) - timedelta(seconds=1)) for _ in range(100)]
+    )
+    enqueue_many(conn, [NewOperation("noop", run_after=datetime.now(UTC) + timedelta(hours=1)) for _ in range(50)])
+
+    def claimer(name):
+        got = []
+        with psycopg.connect(database_url, autocommit=True) as own:
+            while True:
+                batch = claim(own, [f"{name}-{i}" for i in range(7)])
+                if not batch:
+                    return got
+                got.extend(c.id for c in batch)
+
+    results: list[list[int]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=lambda n=n: results[n].extend(claimer(f"s{n}"))) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    claimed = [i for r in results for i in r]
+    assert sorted(claimed) == sorted(ready + due)  # each once; none scheduled for later
