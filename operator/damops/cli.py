@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -147,9 +147,7 @@ def parse_when(text: str, option: str) -> datetime:
     return when.astimezone() if when.tzinfo is None else when
 
 
-def _seconds(text: str) -> Any:
-    from datetime import timedelta
-
+def _seconds(text: str) -> timedelta:
     return timedelta(seconds=parse_duration(text))
 
 

@@ -184,8 +184,12 @@ def test_cancel_retry_purge_and_stats(database_url, conn):
     assert f"{new} cancelled" in out and f"{failed} already FAILED" in out
     user_error(cli(database_url, "cancel", "424242", check=False), "no operation with id 424242")
 
-    assert "1 operation(s) back to NEW" in cli(database_url, "retry", "--status", "FAILED", "--error", "s3").stdout
+    assert (
+        "1 operation(s) back to NEW"
+        in cli(database_url, "retry", "--status", "FAILED", "--error", "s3", "--since", "1h").stdout
+    )
     assert get(conn, failed).status == "NEW"
+    user_error(cli(database_url, "retry", "--status", "FAILED", "--since", "whenever", check=False), "--since")
     assert f": {new}" in cli(database_url, "retry", str(new)).stdout
     user_error(cli(database_url, "retry", str(new), check=False), "not retried", str(new))
 
