@@ -105,3 +105,11 @@ def test_an_unreachable_database_is_one_line(tmp_path):
     assert process.returncode == 2, out
     assert "Traceback" not in out
     assert "damops run: cannot connect to the database at" in out and "127.0.0.1" in out
+
+
+@pytest.mark.parametrize("pool", ["", "p" * 64, "two words"])
+def test_a_pool_no_scheduler_can_serve_stops_start_up(database_url, pool):
+    process = start(database_url, DAMOPS_POOL=pool)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, out
+    assert "invalid configuration: DAMOPS_POOL=" in out and "Traceback" not in out
