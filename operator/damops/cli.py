@@ -88,7 +88,7 @@ def connect(command: str, *, migrate: bool) -> Any:
     from damops.db import migrate as apply_migrations
     from damops.db import migration_files
 
-    url = database_url(load_settings(), create=migrate)
+    url = database_url(load_settings(), create=False)  # only `run` and `db migrate` create one
     try:
         conn = psycopg.connect(url, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as exc:

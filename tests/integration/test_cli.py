@@ -241,3 +241,10 @@ def test_a_reader_that_goes_away_is_not_an_error(database_url, conn):
         timeout=60,
     )
     assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr
+
+
+def test_write_commands_do_not_create_an_embedded_database_either(tmp_path):
+    home = tmp_path / "elsewhere"
+    user_error(cli(None, "enqueue", "noop", check=False, env={"DAMOPS_HOME": str(home)}), "no embedded database")
+    user_error(cli(None, "cancel", "1", check=False, env={"DAMOPS_HOME": str(home)}), "no embedded database")
+    assert not home.exists() or not (home / "pgdata").exists()
