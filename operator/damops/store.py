@@ -20,6 +20,7 @@ from damops.protocol import StatusUpdate
 
 # Bounds on what one attempt may leave in the database.
 MAX_TRACEBACK_CHARS = 16_000
+MAX_ERROR_CHARS = 8_000
 MAX_PROGRESS_MESSAGE_CHARS = 1_000
 
 # Two index ranges (see migration 0002): operations ready now in (priority, id)
@@ -196,6 +197,13 @@ def bound_traceback(text: str | None) -> str | None:
     return "[... truncated ...]\n" + text[-(MAX_TRACEBACK_CHARS - 20) :]
 
 
+def bound_error(text: str | None) -> str | None:
+    """Keep the start of a long error message: what went wrong comes first."""
+    if text is None or len(text) <= MAX_ERROR_CHARS:
+        return text
+    return text[: MAX_ERROR_CHARS - 16] + " [... truncated]"
+
+
 def complete_params(
     completions: Sequence[Completion], *, policy: RetryPolicy = DEFAULT_POLICY, default_max_attempts: int = 3
 ) -> dict[str, Any]:
@@ -206,7 +214,7 @@ def complete_params(
         "workers": [c.worker for c in completions],
         "outcomes": [u.outcome for u in updates],
         "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
-        "errors": [u.error for u in updates],
+        "errors": [bound_error(u.error) for u in updates],
         "retryables": [u.retryable for u in updates],
         # Used only by rows that go back to NEW; computed for all, it is cheap.
         "delays": [retry_delay(u.attempt, u.retry_after, policy) for u in updates],

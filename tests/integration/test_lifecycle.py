@@ -112,6 +112,15 @@ def test_every_attempt_is_kept_with_its_error_worker_and_times(conn):
         (3, "w3", "E3", "FAILED"),
     ]
     assert all(len(h.traceback) <= store.MAX_TRACEBACK_CHARS for h in history)
+    assert history[0].traceback.startswith("[... truncated ...]")
+
+
+def test_a_huge_error_message_is_bounded(conn):
+    op_id = enqueue(conn, "noop", max_attempts=1)
+    [held] = claim(conn)
+    complete(conn, held, error="disk full: " + "x" * 100_000)
+    error = column(conn, op_id, "error")
+    assert error.startswith("disk full: ") and len(error) <= store.MAX_ERROR_CHARS
 
 
 def test_max_attempts_setting_is_the_default_and_takes_effect_when_changed(conn):
