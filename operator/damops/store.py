@@ -175,6 +175,15 @@ class Completed:
     attempts: int
     duration: float | None
 
+    @property
+    def final(self) -> bool:
+        return self.status in ("SUCCESS", "FAILED", "CANCELLED")
+
+    def describe(self) -> str:
+        """One log line: id, trigger function, outcome, attempts, duration of the run."""
+        took = f" in {self.duration:.2f}s" if self.duration is not None else ""
+        return f"operation {self.id} {self.trigger_function}: {self.status} (attempt {self.attempts}){took}"
+
 
 def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dict[str, Any]:
     return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
@@ -188,6 +197,12 @@ async def claim(
         return []
     cur = await conn.execute(CLAIM_SQL, claim_params(pool, workers, wait_interval))
     return [Claimed(*row) for row in await cur.fetchall()]
+
+
+async def cancel_requested(conn: psycopg.AsyncConnection, pool: str) -> list[tuple[int, int, str]]:
+    """(id, attempt, worker) of the pool's PROCESSING operations whose cancel was requested."""
+    cur = await conn.execute(CANCEL_REQUESTED_SQL, cancel_requested_params(pool))
+    return [(int(i), int(a), str(w)) for i, a, w in await cur.fetchall()]
 
 
 def bound_traceback(text: str | None) -> str | None:

@@ -3,6 +3,7 @@ scheduled and unique operations, cancel (and its races), retry, retention."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -77,6 +78,7 @@ def test_retryable_failure_goes_back_with_a_not_before_time_and_is_not_claimed_e
         "SELECT extract(epoch FROM run_after - updated) FROM damops.operations WHERE id = %s", (op_id,)
     ).fetchone()[0]
     assert float(delay) == pytest.approx(10.0, abs=0.01)  # FAST.base for attempt 1
+    assert done.describe().startswith(f"operation {op_id} noop: NEW (attempt 1) in ") and not done.final
     assert claim(conn) == []  # not before its time
     make_claimable(conn, op_id)
     [second] = claim(conn)
@@ -280,6 +282,12 @@ def test_cancel_of_a_processing_operation_requests_it_and_notifies_its_pool(data
     assert result.requested == [op_id] and payloads == ["images"]
     requested = conn.execute(store.CANCEL_REQUESTED_SQL, store.cancel_requested_params("images")).fetchall()
     assert requested == [(op_id, held.attempt, held.worker)]
+
+    async def from_the_scheduler():
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as aconn:
+            return await store.cancel_requested(aconn, "images")
+
+    assert asyncio.run(from_the_scheduler()) == [(op_id, held.attempt, held.worker)]
     assert conn.execute(store.CANCEL_REQUESTED_SQL, store.cancel_requested_params("default")).fetchall() == []
 
 
