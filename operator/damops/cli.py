@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -88,7 +88,7 @@ def connect(command: str, *, migrate: bool) -> Any:
     from damops.db import migrate as apply_migrations
     from damops.db import migration_files
 
-    url = database_url(load_settings(), create=migrate)
+    url = database_url(load_settings(), create=False)  # only `run` and `db migrate` create one
     try:
         conn = psycopg.connect(url, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as exc:
@@ -147,9 +147,7 @@ def parse_when(text: str, option: str) -> datetime:
     return when.astimezone() if when.tzinfo is None else when
 
 
-def _seconds(text: str) -> Any:
-    from datetime import timedelta
-
+def _seconds(text: str) -> timedelta:
     return timedelta(seconds=parse_duration(text))
 
 
@@ -206,6 +204,13 @@ def _span(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
+
+
+def _row(table: Any, *values: str) -> None:
+    """Cells as plain text: an error message such as "[/]" is data, not rich markup."""
+    from rich.text import Text
+
+    table.add_row(*(Text(value) for value in values))
 
 
 def print_json(data: object) -> None:
@@ -326,7 +331,8 @@ def cmd_stats(args: argparse.Namespace) -> None:
     for name in ("pool", "status", "count", "scheduled", "oldest waiting", "finished", "per minute"):
         table.add_column(name, justify="left" if name in ("pool", "status") else "right")
     for row in rows:
-        table.add_row(
+        _row(
+            table,
             row.pool,
             row.status,
             str(row.count),
@@ -376,7 +382,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         ("error", row.error or ""),
     ):
         if value:
-            table.add_row(name, str(value))
+            _row(table, name, str(value))
     console = _console()
     console.print(table)
     if history:
@@ -385,7 +391,8 @@ def cmd_status(args: argparse.Namespace) -> None:
             attempts_table.add_column(name, overflow="fold")
         for a in history:
             seconds = f"{(a.finished - a.started).total_seconds():.2f}" if a.started else ""
-            attempts_table.add_row(
+            _row(
+                attempts_table,
                 str(a.attempt),
                 a.worker or "",
                 a.outcome,
@@ -395,6 +402,11 @@ def cmd_status(args: argparse.Namespace) -> None:
                 (a.error or "")[:200],
             )
         console.print(attempts_table)
+        last = history[-1]
+        if last.traceback:
+            # The innermost frames and the error: the end of the traceback.
+            console.print(f"traceback of attempt {last.attempt} (last 20 lines):", markup=False)
+            console.print("\n".join(last.traceback.splitlines()[-20:]), markup=False, highlight=False)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -415,8 +427,15 @@ def cmd_list(args: argparse.Namespace) -> None:
         note = row.error or row.progress_message or ""
         if row.status == "NEW" and row.run_after:
             note = f"runs {_age(row.run_after)}"
-        table.add_row(
-            str(row.id), row.pool, row.status, str(row.attempts), row.trigger_function, _age(row.updated), note[:80]
+        _row(
+            table,
+            str(row.id),
+            row.pool,
+            row.status,
+            str(row.attempts),
+            row.trigger_function,
+            _age(row.updated),
+            note[:80],
         )
     _console().print(table)
 

@@ -1,7 +1,7 @@
 """Housekeeping (seed: Expired operation, Default task).
 
-Periodic jobs, the first two run by one instance at a time (an advisory lock
-taken per run; every scheduler may try):
+Periodic jobs, all but the last run by one instance at a time (an advisory
+lock taken per run; every scheduler may try):
 
 * expired operations: PROCESSING for longer than MAX_OPERATION_PROCESSING_TIME
   go back to NEW while attempts remain (max_attempts NULL = MAX_ATTEMPTS), else
@@ -56,6 +56,7 @@ WITH expired AS (
         updated = now()
     FROM (SELECT id, worker FROM damops.operations
           WHERE status = 'PROCESSING' AND updated < now() - make_interval(secs => %(limit)s)
+          ORDER BY id
           FOR UPDATE) AS before
     WHERE o.id = before.id AND o.status = 'PROCESSING' AND o.updated < now() - make_interval(secs => %(limit)s)
     RETURNING o.id, o.status, o.attempts, before.worker, o.error, o.started
@@ -238,7 +239,7 @@ class Housekeeper:
                     self.last_cleanup = await asyncio.to_thread(self._cleanup)
                     self.last_retention = await asyncio.to_thread(self._retain)
                     next_cleanup = time.monotonic() + self.settings.poll_failed_operations_interval
-            except psycopg.Error as exc:
+            except (psycopg.Error, ValueError, RuntimeError) as exc:  # next run tries again
                 log.warning("housekeeping skipped a run: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.settings.housekeeping_interval)

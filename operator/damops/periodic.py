@@ -31,6 +31,8 @@ import psycopg
 import yaml
 from cronsim import CronSim, CronSimError
 
+from damops.operations import NewOperation, enqueue_many, operation_problem
+
 log = logging.getLogger("damops.periodic")
 
 # Moves the schedule's last tick forward, or registers a new schedule. Returns
@@ -71,9 +73,25 @@ def _schedule(entry: object, index: int) -> Schedule:
     except CronSimError as exc:
         raise ValueError(f"{where} ({entry['name']}): bad cron expression {entry['cron']!r}: {exc}") from None
     try:
-        return Schedule(**entry)
+        schedule = Schedule(**entry)
     except TypeError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    # What enqueue would refuse at every tick is refused at start-up instead.
+    problem = operation_problem(_operation(schedule, datetime.now(UTC)))
+    if problem:
+        raise ValueError(f"{where} ({schedule.name}): {problem}")
+    return schedule
+
+
+def _operation(schedule: Schedule, tick: datetime) -> NewOperation:
+    return NewOperation(
+        schedule.trigger_function,
+        schedule.inputs,
+        schedule.pool,
+        schedule.priority,
+        schedule.max_attempts,
+        unique_key=unique_key(schedule, tick),
+    )
 
 
 def parse_schedules(text: str | None) -> list[Schedule]:
@@ -105,8 +123,6 @@ def unique_key(schedule: Schedule, tick: datetime) -> str:
 
 def run_periodic(conn: psycopg.Connection, schedules: list[Schedule], now: datetime | None = None) -> dict[str, int]:
     """Enqueue the due tick of each schedule; return {schedule name: operation id} for those enqueued."""
-    from damops.operations import enqueue
-
     now = now or datetime.now(UTC)
     enqueued: dict[str, int] = {}
     for schedule in schedules:
@@ -115,15 +131,7 @@ def run_periodic(conn: psycopg.Connection, schedules: list[Schedule], now: datet
             row = conn.execute(ADVANCE_TICK_SQL, {"name": schedule.name, "tick": tick}).fetchone()
             if row is None or not row[0]:
                 continue  # already done for this tick, or a new schedule registered
-            enqueued[schedule.name] = enqueue(
-                conn,
-                schedule.trigger_function,
-                schedule.inputs,
-                pool=schedule.pool,
-                priority=schedule.priority,
-                max_attempts=schedule.max_attempts,
-                unique_key=unique_key(schedule, tick),
-            )
+            [enqueued[schedule.name]] = enqueue_many(conn, [_operation(schedule, tick)])
         log.info(
             json.dumps(
                 {

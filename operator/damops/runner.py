@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from damops.config import Settings
+from damops.config import ConfigError, Settings
 from damops.db import migrate
 from damops.embedded import resolve_database_url
 from damops.housekeeping import Housekeeper
@@ -207,6 +207,12 @@ async def run_async(
     migrating = asyncio.ensure_future(asyncio.to_thread(migrate, url))
     if not await _until_stopped(signals, migrating):
         return
+    if isinstance(migrating.exception(), psycopg.OperationalError):
+        from damops.cli import redacted
+
+        first = str(migrating.exception()).strip().splitlines() or ["unreachable"]
+        # One line naming the database (printed by the CLI, exit code 2), not a traceback.
+        raise ConfigError(f"cannot connect to the database at {redacted(url)}: {first[0]}")
     if migrating.result():
         log.info("database migrated: %s", ", ".join(migrating.result()))
 

@@ -286,8 +286,7 @@ class Scheduler:
         while not self._stopping:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    await conn.execute(f"LISTEN {store.CANCEL_NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}; LISTEN {store.CANCEL_NOTIFY_CHANNEL}")
                     delay = 0.1
                     self._cancel_check = True
                     self._wake.set()  # catch anything inserted while we were not listening

@@ -19,6 +19,7 @@ from damops.dispatch import Completion, Lease
 
 # Bounds on what one attempt may leave in the database.
 MAX_TRACEBACK_CHARS = 16_000
+MAX_ERROR_CHARS = 8_000
 MAX_PROGRESS_MESSAGE_CHARS = 1_000
 
 # Two index ranges (see migration 0002): operations ready now in (priority, id)
@@ -172,6 +173,15 @@ class Completed:
     attempts: int
     duration: float | None
 
+    @property
+    def final(self) -> bool:
+        return self.status in ("SUCCESS", "FAILED", "CANCELLED")
+
+    def describe(self) -> str:
+        """One log line: id, trigger function, outcome, attempts, duration of the run."""
+        took = f" in {self.duration:.2f}s" if self.duration is not None else ""
+        return f"operation {self.id} {self.trigger_function}: {self.status} (attempt {self.attempts}){took}"
+
 
 def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dict[str, Any]:
     return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
@@ -184,6 +194,13 @@ def bound_traceback(text: str | None) -> str | None:
     return "[... truncated ...]\n" + text[-(MAX_TRACEBACK_CHARS - 20) :]
 
 
+def bound_error(text: str | None) -> str | None:
+    """Keep the start of a long error message: what went wrong comes first."""
+    if text is None or len(text) <= MAX_ERROR_CHARS:
+        return text
+    return text[: MAX_ERROR_CHARS - 16] + " [... truncated]"
+
+
 def complete_params(
     completions: Sequence[Completion], *, policy: RetryPolicy = DEFAULT_POLICY, default_max_attempts: int = 3
 ) -> dict[str, Any]:
@@ -194,7 +211,7 @@ def complete_params(
         "workers": [c.worker for c in completions],
         "outcomes": [u.outcome for u in updates],
         "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
-        "errors": [u.error for u in updates],
+        "errors": [bound_error(u.error) for u in updates],
         "retryables": [u.retryable for u in updates],
         # Used only by rows that go back to NEW; computed for all, it is cheap.
         "delays": [retry_delay(u.attempt, u.retry_after, policy) for u in updates],

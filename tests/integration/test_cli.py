@@ -159,7 +159,7 @@ def test_list_and_status_are_tables_and_json(database_url, conn):
     )
     conn.execute(
         "INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, traceback, started)"
-        " VALUES (%s, 1, 'w7', 'failure', 'FAILED', 'RuntimeError: disk full', 'Traceback...', now())",
+        " VALUES (%s, 1, 'w7', 'failure', 'FAILED', 'RuntimeError: disk full [/]', 'Traceback...', now())",
         (op_id,),
     )
     table = cli(database_url, "list").stdout
@@ -168,6 +168,7 @@ def test_list_and_status_are_tables_and_json(database_url, conn):
     assert [r["id"] for r in listed] == [op_id] and listed[0]["last_worker"] == "w7"
     shown = cli(database_url, "status", str(op_id)).stdout
     assert "render_rendition" in shown and "p9 / 4" in shown and "last: w7" in shown and "attempts" in shown
+    assert "disk full [/]" in shown and "Traceback..." in shown  # data, not markup
     detail = json.loads(cli(database_url, "status", str(op_id), "--json").stdout)
     assert detail["trigger_function"] == "render_rendition" and detail["history"][0]["traceback"] == "Traceback..."
 
@@ -183,8 +184,12 @@ def test_cancel_retry_purge_and_stats(database_url, conn):
     assert f"{new} cancelled" in out and f"{failed} already FAILED" in out
     user_error(cli(database_url, "cancel", "424242", check=False), "no operation with id 424242")
 
-    assert "1 operation(s) back to NEW" in cli(database_url, "retry", "--status", "FAILED", "--error", "s3").stdout
+    assert (
+        "1 operation(s) back to NEW"
+        in cli(database_url, "retry", "--status", "FAILED", "--error", "s3", "--since", "1h").stdout
+    )
     assert get(conn, failed).status == "NEW"
+    user_error(cli(database_url, "retry", "--status", "FAILED", "--since", "whenever", check=False), "--since")
     assert f": {new}" in cli(database_url, "retry", str(new)).stdout
     user_error(cli(database_url, "retry", str(new), check=False), "not retried", str(new))
 
@@ -236,3 +241,10 @@ def test_a_reader_that_goes_away_is_not_an_error(database_url, conn):
         timeout=60,
     )
     assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr
+
+
+def test_write_commands_do_not_create_an_embedded_database_either(tmp_path):
+    home = tmp_path / "elsewhere"
+    user_error(cli(None, "enqueue", "noop", check=False, env={"DAMOPS_HOME": str(home)}), "no embedded database")
+    user_error(cli(None, "cancel", "1", check=False, env={"DAMOPS_HOME": str(home)}), "no embedded database")
+    assert not home.exists() or not (home / "pgdata").exists()

@@ -154,7 +154,7 @@ def test_cli_enqueue_status_list_and_migrate(database_url):
     op_id = int(
         _cli(database_url, "enqueue", "sleep", "--inputs", '{"seconds": 2}', "--pool", "p9", "--priority", "4").stdout
     )
-    shown = _cli(database_url, "status", str(op_id)).stdout
+    shown = _cli(database_url, "status", str(op_id), "--json").stdout
     assert '"trigger_function": "sleep"' in shown and '"pool": "p9"' in shown and '"priority": 4' in shown
     listed = _cli(database_url, "list", "--status", "new", "--pool", "p9").stdout
     assert str(op_id) in listed and "sleep" in listed

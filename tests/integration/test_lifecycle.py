@@ -3,6 +3,7 @@ scheduled and unique operations, cancel (and its races), retry, retention."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -77,6 +78,7 @@ def test_retryable_failure_goes_back_with_a_not_before_time_and_is_not_claimed_e
         "SELECT extract(epoch FROM run_after - updated) FROM damops.operations WHERE id = %s", (op_id,)
     ).fetchone()[0]
     assert float(delay) == pytest.approx(10.0, abs=0.01)  # FAST.base for attempt 1
+    assert done.describe().startswith(f"operation {op_id} noop: NEW (attempt 1) in ") and not done.final
     assert claim(conn) == []  # not before its time
     make_claimable(conn, op_id)
     [second] = claim(conn)
@@ -112,6 +114,15 @@ def test_every_attempt_is_kept_with_its_error_worker_and_times(conn):
         (3, "w3", "E3", "FAILED"),
     ]
     assert all(len(h.traceback) <= store.MAX_TRACEBACK_CHARS for h in history)
+    assert history[0].traceback.startswith("[... truncated ...]")
+
+
+def test_a_huge_error_message_is_bounded(conn):
+    op_id = enqueue(conn, "noop", max_attempts=1)
+    [held] = claim(conn)
+    complete(conn, held, error="disk full: " + "x" * 100_000)
+    error = column(conn, op_id, "error")
+    assert error.startswith("disk full: ") and len(error) <= store.MAX_ERROR_CHARS
 
 
 def test_max_attempts_setting_is_the_default_and_takes_effect_when_changed(conn):
@@ -271,6 +282,12 @@ def test_cancel_of_a_processing_operation_requests_it_and_notifies_its_pool(data
     assert result.requested == [op_id] and payloads == ["images"]
     requested = conn.execute(store.CANCEL_REQUESTED_SQL, store.cancel_requested_params("images")).fetchall()
     assert requested == [(op_id, held.attempt, held.worker)]
+
+    async def from_the_scheduler():
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as aconn:
+            return await store.cancel_requested(aconn, "images")
+
+    assert asyncio.run(from_the_scheduler()) == [(op_id, held.attempt, held.worker)]
     assert conn.execute(store.CANCEL_REQUESTED_SQL, store.cancel_requested_params("default")).fetchall() == []
 
 
@@ -497,3 +514,29 @@ def test_cancel_waits_for_a_concurrent_claim_and_then_requests_the_cancel(databa
     assert outcome["r"].requested == [op_id] and outcome["r"].cancelled == []
     [done] = complete(conn, held, "failure", error="stopped by its cancel")
     assert done.status == "CANCELLED"
+
+
+def test_concurrent_claimers_take_ready_and_due_operations_once(database_url, conn):
+    ready = enqueue_many(conn, [NewOperation("noop", priority=i % 3) for i in range(100)])
+    due = enqueue_many(
+        conn, [NewOperation("noop", run_after=datetime.now(UTC) - timedelta(seconds=1)) for _ in range(100)]
+    )
+    enqueue_many(conn, [NewOperation("noop", run_after=datetime.now(UTC) + timedelta(hours=1)) for _ in range(50)])
+
+    def claimer(name):
+        got = []
+        with psycopg.connect(database_url, autocommit=True) as own:
+            while True:
+                batch = claim(own, [f"{name}-{i}" for i in range(7)])
+                if not batch:
+                    return got
+                got.extend(c.id for c in batch)
+
+    results: list[list[int]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=lambda n=n: results[n].extend(claimer(f"s{n}"))) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    claimed = [i for r in results for i in r]
+    assert sorted(claimed) == sorted(ready + due)  # each once; none scheduled for later

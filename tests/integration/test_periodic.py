@@ -33,6 +33,8 @@ def test_schedules_parse_from_json_or_yaml_and_bad_ones_are_named():
         ('[{"name": "a", "cron": "* * * * *"}]', "trigger_function"),
         ('[{"name": "a", "cron": "* * * * *", "trigger_function": "x", "colour": 1}]', "unknown keys: colour"),
         ('{"name": "a"}', "must be a list"),
+        ('[{"name": "a", "cron": "* * * * *", "trigger_function": "x", "pool": ""}]', "pool name must not be empty"),
+        ('[{"name": "a", "cron": "* * * * *", "trigger_function": "x", "inputs": .nan}]', "cannot be delivered"),
         ("[: nope", "neither JSON nor YAML"),
     ]:
         with pytest.raises(ValueError, match=message):

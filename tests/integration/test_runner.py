@@ -97,3 +97,19 @@ def test_demo_counts_its_own_batch_each_run(database_url):
     first_ids = {int(i) for i in re.findall(r"FAILED #(\d+)", outputs[0])}
     second_ids = {int(i) for i in re.findall(r"FAILED #(\d+)", outputs[1])}
     assert min(second_ids) > max(first_ids)  # the second run lists only its own failures
+
+
+def test_an_unreachable_database_is_one_line(tmp_path):
+    process = start("postgresql://nobody@127.0.0.1:1/db")
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, out
+    assert "Traceback" not in out
+    assert "damops run: cannot connect to the database at" in out and "127.0.0.1" in out
+
+
+@pytest.mark.parametrize("pool", ["", "p" * 64, "two words"])
+def test_a_pool_no_scheduler_can_serve_stops_start_up(database_url, pool):
+    process = start(database_url, DAMOPS_POOL=pool)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, out
+    assert "invalid configuration: DAMOPS_POOL=" in out and "Traceback" not in out

@@ -34,6 +34,8 @@ def settings(**overrides: object) -> Settings:
         "housekeeping_interval": 0.2,
         "shutdown_grace": 5.0,
         "secret": SECRET,
+        # Retries come back at once in tests that are not about the backoff.
+        "retry_backoff_base": 0.05,
     }
     base.update(overrides)
     return Settings(**base)
