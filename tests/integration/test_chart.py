@@ -472,15 +472,42 @@ def test_helm_test_script_fails_when_no_worker_serves_the_pool(database_url: str
     assert "still NEW after 3s" in proc.stdout, proc.stdout
 
 
-def test_notes_pass_the_namespace_and_do_not_point_into_the_repository() -> None:
-    notes = (CHART / "templates" / "NOTES.txt").read_text()
+def render_notes(tmp_path: Path, *extra: str) -> str:
+    """NOTES.txt as `helm install` prints it (`helm template` skips NOTES; here a copy of the chart
+    renders it through `tpl` into a ConfigMap)."""
+    chart = tmp_path / "damops"
+    shutil.copytree(CHART, chart)
+    (chart / "notes.txt").write_text((CHART / "templates" / "NOTES.txt").read_text())
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n'
+    )
+    proc = helm("template", "t", str(chart), "-n", "ops", "--kube-version", KUBE_VERSION, *extra)
+    assert proc.returncode == 0, proc.stderr
+    [cm] = [d for d in yaml.safe_load_all(proc.stdout) if d and d["metadata"]["name"] == "notes"]
+    return cm["data"]["notes"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [DB, ["--set", "database.postgresql.enabled=true", "--set", "operator.watchNamespaces={media}"]],
+    ids=["defaults", "namespaced-bundled-postgresql"],
+)
+def test_notes_pass_the_namespace_and_do_not_point_into_the_repository(options: list[str], tmp_path: Path) -> None:
+    notes = render_notes(tmp_path, *options)
     assert "helm/damops" not in notes and "examples/" not in notes
-    commands = [line for line in notes.splitlines() if re.match(r"\s*(kubectl|helm (test|upgrade))\b", line)]
-    assert len(commands) >= 5
+    commands = [line for line in notes.splitlines() if re.search(r"(^|\| )\s*(kubectl|helm (test|upgrade))\b", line)]
+    assert len(commands) >= 6, notes
     for line in commands:
         if "/crds/" not in line:  # CRDs are cluster-scoped
-            assert " -n " in line, line
-    assert "kubectl apply --server-side" in notes
+            assert re.search(r" -n [a-z]", line), line
+    assert "helm test t -n ops" in notes
+    assert "kubectl apply --server-side --force-conflicts -f /tmp/damops-new/damops/crds/" in notes
+    if "watchNamespaces" in " ".join(options):
+        assert "kubectl apply -n media -f -" in notes and "bundled PostgreSQL is for trying damops out" in notes
+    else:
+        assert "kubectl apply -n ops -f -" in notes and "bundled PostgreSQL" not in notes
+    wp = json.loads(re.search(r"echo '(\{.*\})'", notes).group(1))
+    assert wp["kind"] == "WorkerPool" and wp["spec"]["replicas"] == 3
 
 
 # --------------------------------------------------------------------------- CRD upgrades
