@@ -4,7 +4,7 @@
 scheduling, monitors, alert rules, dashboard, PodDisruptionBudget, `helm test`), the failure messages,
 kubeconform against the Kubernetes 1.34 OpenAPI schemas (read offline from the k8s.io/kubernetes module
 source), the chart README against helm-docs, the image Dockerfiles, and a core-only `pip install .`.
-Needs the helm binary; each check that needs another tool skips and says why.
+A check whose tool (helm, kubeconform, helm-docs, a cluster) is missing skips and says why.
 """
 
 from __future__ import annotations
@@ -37,13 +37,10 @@ def _skip(reason: str) -> None:
     pytest.skip(reason)
 
 
-if shutil.which("helm") is None:
-    REASON = 'helm is not on PATH (eval "$(hack/local-cluster env)" provides one, or install helm)'
-    print(f"\n[chart tests skipped] {REASON}", file=sys.stderr)
-    pytest.skip(REASON, allow_module_level=True)
-
-
 def helm(*args: str) -> subprocess.CompletedProcess:
+    """Run helm; a test that needs it skips (saying why) where it is missing."""
+    if shutil.which("helm") is None:
+        _skip('helm is not on PATH (eval "$(hack/local-cluster env)" provides one, or install helm)')
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}  # nothing here talks to a cluster
     return subprocess.run(["helm", *args], capture_output=True, text=True, timeout=120, env=env)
 
