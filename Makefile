@@ -48,7 +48,7 @@ bench-quick: $(BIN)/.installed
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) .damops .pytest_cache
+	rm -rf $(VENV) .pytest_cache  # the embedded database lives in DAMOPS_HOME (~/.local/share/damops): not removed
 
 # Kubernetes targets (kind for users with Docker, the local cluster for CI).
 -include mk/*.mk

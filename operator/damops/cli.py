@@ -619,6 +619,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # These two hand their options to another parser (kopf's, the generator's).
         if argv and argv[0] in ("operator", "crd"):
             setup_logging()
+            try:
+                import kopf  # noqa: F401
+                import kubernetes  # noqa: F401
+            except ModuleNotFoundError:
+                raise UserError("needs the k8s extra: pip install 'damops[k8s]'") from None
             if argv[0] == "operator":
                 from damops.k8s.main import main as operator_main
 
