@@ -196,14 +196,16 @@ class DispatchCycle:
             counter = _COUNTERS.get(done.status)
             if counter is not None:
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-            duration = f" in {done.duration:.3f}s" if done.duration is not None else ""
             finished_log.info(
-                "operation %d %s: %s%s (attempt %d)",
-                done.id,
-                done.trigger_function,
-                done.status,
-                duration,
-                done.attempts,
+                done.describe(),
+                extra={
+                    "operation_id": done.id,
+                    "trigger_function": done.trigger_function,
+                    "attempt": done.attempts,
+                    "pool": self.pool,
+                    "outcome": done.status,
+                    "duration_seconds": done.duration,
+                },
             )
 
 

@@ -8,6 +8,10 @@ import logging
 import os
 import sys
 
+# Fields a log line about one operation carries (logger.info(..., extra={...})):
+# a collector can then follow an operation across scheduler, sidecar and worker.
+OPERATION_FIELDS = ("operation_id", "trigger_function", "attempt", "pool", "worker", "outcome", "duration_seconds")
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -17,6 +21,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        entry.update({name: getattr(record, name) for name in OPERATION_FIELDS if hasattr(record, name)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
