@@ -24,6 +24,9 @@ DISPATCH_LATENCY = Counter(
     _LABELS,
 )
 WORKER_RESTARTS = Counter("damops_worker_restarts", "Worker pods replaced by the operator", _LABELS + ("reason",))
+API_REQUESTS = Counter(
+    "damops_api_requests", "Kubernetes API requests of the operator's own client (kopf's watches aside)", ("verb",)
+)
 
 _STATS = {
     "claimed": CLAIMED,
