@@ -362,7 +362,8 @@ def test_scale_up_and_down_loses_no_active_operation(claim_log: Any) -> None:
     name = f"scale-{RUN}"
     apply_pool(name, 2)
     wait_ready(name, 2)
-    ids = enqueue(name, "sleep", 40, {"seconds": 3})
+    # enough work to keep 5 workers busy through the scale down, little enough for one to finish it soon
+    ids = enqueue(name, "sleep", 24, {"seconds": 3})
     kubectl("scale", f"workerpool/{name}", "--replicas=5")
     wait_ready(name, 5)
     wait_for("4+ active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 4, 60)
