@@ -285,7 +285,10 @@ class PoolRuntime:
         """Stop the scheduler. When the pool is being deleted there is nothing to wait for:
         operations go back to the queue at once and the pods go with a short grace."""
         if self.scheduler is not None:
-            await self.scheduler.stop(grace=0 if deleting else min(self.op.settings.shutdown_grace, 60))
+            try:
+                await self.scheduler.stop(grace=0 if deleting else min(self.op.settings.shutdown_grace, 60))
+            except Exception as exc:  # the pods and the housekeeper must still be let go
+                log.exception("scheduler of %s/%s did not stop cleanly: %s", self.namespace, self.name, exc)
             self.scheduler = None
         if deleting:
             names = [o.info.name for o in self.pods() if not o.info.terminating]
