@@ -533,6 +533,37 @@ def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
     assert min_ready >= 2, "capacity dropped below replicas during the rolling replacement"
 
 
+def operator_metrics() -> dict[str, float]:
+    """The operator's Prometheus samples (through the API server's pod proxy: works wherever kubectl does)."""
+    pod = operator_pod()
+    assert pod is not None
+    path = f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}:9090/proxy/metrics"
+    text = subprocess.run(["kubectl", "get", "--raw", path], capture_output=True, text=True, timeout=30, check=True)
+    samples = {}
+    for line in text.stdout.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_an_idle_pool_asks_the_api_server_nothing_per_round() -> None:
+    """Rounds read the pods from the watch (a kopf index), not from a LIST."""
+    name = f"idle-{RUN}"
+    apply_pool(name, 1)
+    wait_ready(name, 1)
+    rounds_key = f'damops_reconcile_rounds_total{{namespace="{NS}",workerpool="{name}"}}'
+
+    def counts() -> tuple[float, float]:
+        m = operator_metrics()
+        return m.get(rounds_key, 0.0), sum(v for k, v in m.items() if k.startswith("damops_api_requests_total"))
+
+    rounds0, requests0 = counts()
+    rounds, requests = wait_for("10 more rounds", lambda: (c := counts())[0] >= rounds0 + 10 and c, 120, interval=2)
+    # allowed: one status patch and one re-read of the channel secret (CONFIG_RESYNC) in the window
+    assert requests - requests0 <= 2, f"{requests - requests0:.0f} API requests in {rounds - rounds0:.0f} rounds"
+
+
 def test_deleting_the_pool_deletes_its_pods() -> None:
     name = f"delete-{RUN}"
     apply_pool(name, 2)

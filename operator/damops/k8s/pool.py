@@ -231,6 +231,7 @@ class PoolRuntime:
         metrics.QUEUED.labels(ns, self.name, pool).set(queued)
         if scheduler is not None:
             metrics.observe_stats(ns, self.name, scheduler.snapshot().stats, self.stats_seen)
+        metrics.ROUNDS.labels(ns, self.name).inc()
 
     async def _carry_out(self, actions: list[Action], spec: WorkerPoolSpec) -> tuple[list[Action], list[str]]:
         """Carry out the plan; returns the actions done and one message per API error."""
@@ -307,3 +308,7 @@ class PoolRuntime:
                 metrics.WORKERS.remove(self.namespace, self.name, state)
             except KeyError:
                 pass
+        try:
+            metrics.ROUNDS.remove(self.namespace, self.name)
+        except KeyError:
+            pass
