@@ -81,30 +81,88 @@ def test_template_renders_operator_with_seed_env_vars() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
+def _port_rules(np: dict) -> list[tuple[frozenset, list]]:
+    """(ports, from) of every ingress rule. A rule without ports opens every port; one without
+    ``from`` admits every source: both are kept as they are, so the assertions see them."""
+    out = []
+    for rule in np["spec"].get("ingress", []):
+        ports = frozenset((p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports") or [])
+        out.append((ports, rule.get("from") or []))
+    return out
+
+
 def test_network_policy_lets_only_the_operator_reach_the_channel_port() -> None:
-    [np] = [d for d in render() if d["kind"] == "NetworkPolicy"]
-    rules = np["spec"]["ingress"]
-    channel = [r for r in rules if {"protocol": "TCP", "port": 7700} in r.get("ports", [])]
-    assert (
-        len(channel) == 1
-        and channel[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
-    )
-    assert all("from" in r for r in rules if {"protocol": "TCP", "port": 7700} in r.get("ports", []))
+    docs = render("--set", "networkPolicy.workerNamespaces={ops,jobs}")
+    nps = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(nps) == {"ops", "jobs"}
+    for namespace, np in nps.items():
+        assert np["spec"]["policyTypes"] == ["Ingress"]
+        rules = _port_rules(np)
+        assert all(ports for ports, _ in rules), f"{namespace}: an ingress rule without ports opens every port"
+        assert set().union(*(ports for ports, _ in rules)) == {("TCP", 7700), ("TCP", 7701)}, rules
+        channel = [sources for ports, sources in rules if ("TCP", 7700) in ports]
+        operator = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "damops",
+                    "app.kubernetes.io/instance": "t",
+                    "app.kubernetes.io/component": "operator",
+                }
+            },
+        }
+        assert channel == [[operator]], f"{namespace}: 7700 must admit the operator pod only: {channel}"
+        # the health port is open to every source (kubelet probes), and nothing else rides along
+        assert [ports for ports, sources in rules if not sources] == [frozenset({("TCP", 7701)})]
+
+
+def _rules(docs: list[dict], kind: str) -> dict[tuple[str, str], set[str]]:
+    """Verbs per (apiGroup, resource), merged over every rule of every ``kind``; a pair granted
+    by two rules is a duplicate and fails here rather than hiding one grant behind the other."""
+    verbs: dict[tuple[str, str], set[str]] = {}
+    for d in docs:
+        if d["kind"] != kind:
+            continue
+        for rule in d["rules"]:
+            assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+            for g in rule["apiGroups"]:
+                for r in rule["resources"]:
+                    assert (g, r) not in verbs, f"{kind}: ({g!r}, {r!r}) granted by two rules"
+                    verbs[(g, r)] = set(rule["verbs"])
+    return verbs
+
+
+LEAST = {
+    ("damops.dev", "workerpools"): {"get", "list", "watch", "patch"},
+    ("damops.dev", "workerpools/status"): {"get", "patch"},
+    ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("", "secrets"): {"get", "create"},
+    ("", "events"): {"create"},
+    ("events.k8s.io", "events"): {"create"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+}
+DISCOVERY = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+}
 
 
 def test_rbac_is_least_privilege() -> None:
-    roles = [d for d in render() if d["kind"] == "ClusterRole"]
-    verbs = {
-        (g, r): set(rule["verbs"])
-        for d in roles
-        for rule in d["rules"]
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-    }
-    assert verbs[("", "secrets")] == {"get", "create"}
-    assert verbs[("", "pods")] == {"get", "list", "watch", "create", "delete", "patch"}
-    assert "*" not in set().union(*verbs.values())
-    assert ("damops.dev", "workerpools/status") in verbs
+    docs = render()
+    cluster = _rules(docs, "ClusterRole")
+    assert cluster == {**LEAST, **DISCOVERY, ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
+    assert not [d for d in docs if d["kind"] == "Role"]
+
+
+def test_rbac_with_watched_namespaces_grants_the_pool_rights_there_only() -> None:
+    docs = render("--set", "operator.watchNamespaces={jobs,batch}")
+    by_name = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    assert _rules([by_name["t-damops-workerpools"]], "ClusterRole") == LEAST
+    # the namespaced rights are bound in the watched namespaces only, never cluster-wide
+    cluster_bound = {d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"}
+    assert cluster_bound == {"t-damops-cluster"}, cluster_bound
+    bindings = {d["metadata"]["namespace"]: d["roleRef"]["name"] for d in docs if d["kind"] == "RoleBinding"}
+    assert bindings == {"jobs": "t-damops-workerpools", "batch": "t-damops-workerpools"}
 
 
 def test_existing_secret_and_bundled_postgresql() -> None:

@@ -127,7 +127,11 @@ def condition(wp: dict[str, Any], ctype: str) -> str | None:
     return None
 
 
+_APPLIED: set[str] = set()  # pools created by the running test; deleted when it ends, pass or fail
+
+
 def apply_pool(name: str, replicas: int, **spec: Any) -> None:
+    _APPLIED.add(name)
     body = {
         "apiVersion": "damops.dev/v1alpha1",
         "kind": "WorkerPool",
@@ -190,6 +194,7 @@ def wait_all_final(ids: list[int], timeout: float = 300) -> list[dict[str, Any]]
 
 def delete_pool(name: str) -> None:
     kubectl("delete", "workerpool", name, "--ignore-not-found", "--wait=false", check=False)
+    _APPLIED.discard(name)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -268,6 +273,13 @@ def operator_release() -> Any:
     subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
 
 
+@pytest.fixture(autouse=True)
+def pools_deleted_when_the_test_ends() -> Any:
+    yield
+    for name in sorted(_APPLIED):
+        delete_pool(name)
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -310,12 +322,11 @@ def test_pool_becomes_ready_with_n_pods_and_processes_500_operations() -> None:
     assert {p["metadata"]["uid"] for p in live_pods(name)} == uids_before
     assert all(p["status"]["containerStatuses"][i]["restartCount"] == 0 for p in live_pods(name) for i in (0, 1))
     wait_for("queuedOperations back to 0", lambda: workerpool(name)["status"].get("queuedOperations") == 0, 30)
-    delete_pool(name)
 
 
 @pytest.fixture
 def claim_log() -> Any:
-    """Every claim of an operation of a ``scale-*`` pool, recorded by a trigger in the real database:
+    """Every claim of an operation of a ``scale-*`` or ``restart-*`` pool, recorded by a trigger in the real database:
     an operation claimed twice was interrupted (its worker killed) and run again."""
     with psycopg.connect(DB_URL, autocommit=True) as conn:
         conn.execute(
@@ -328,7 +339,8 @@ def claim_log() -> Any:
         conn.execute("DROP TRIGGER IF EXISTS damops_e2e_claims ON damops.operations")
         conn.execute(
             "CREATE TRIGGER damops_e2e_claims AFTER UPDATE ON damops.operations FOR EACH ROW"
-            " WHEN (NEW.status = 'PROCESSING' AND OLD.status <> 'PROCESSING' AND NEW.pool LIKE 'scale-%')"
+            " WHEN (NEW.status = 'PROCESSING' AND OLD.status <> 'PROCESSING'"
+            " AND (NEW.pool LIKE 'scale-%' OR NEW.pool LIKE 'restart-%'))"
             " EXECUTE FUNCTION public.damops_e2e_claim()"
         )
 
@@ -350,7 +362,8 @@ def test_scale_up_and_down_loses_no_active_operation(claim_log: Any) -> None:
     name = f"scale-{RUN}"
     apply_pool(name, 2)
     wait_ready(name, 2)
-    ids = enqueue(name, "sleep", 40, {"seconds": 3})
+    # enough work to keep 5 workers busy through the scale down, little enough for one to finish it soon
+    ids = enqueue(name, "sleep", 24, {"seconds": 3})
     kubectl("scale", f"workerpool/{name}", "--replicas=5")
     wait_ready(name, 5)
     wait_for("4+ active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 4, 60)
@@ -370,7 +383,6 @@ def test_scale_up_and_down_loses_no_active_operation(claim_log: Any) -> None:
     wait_ready(name, 1, timeout=120)
     events = kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
     assert "ScalingUp" in events and "Draining" in events
-    delete_pool(name)
 
 
 def test_expired_worker_pod_is_replaced_and_its_operation_recovered() -> None:
@@ -395,7 +407,6 @@ def test_expired_worker_pod_is_replaced_and_its_operation_recovered() -> None:
     events = kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
     assert "WorkerExpired" in events
     assert wp["status"]["readyReplicas"] == 2
-    delete_pool(name)
 
 
 def test_worker_pod_deleted_mid_operation_is_recovered() -> None:
@@ -422,20 +433,69 @@ def test_worker_pod_deleted_mid_operation_is_recovered() -> None:
     assert (finished - killed_at).total_seconds() >= 14, (killed_at, finished)
     wait_ready(name, 1)
     assert victim_uid not in {p["metadata"]["uid"] for p in live_pods(name)}
-    delete_pool(name)
 
 
-def test_operator_restart_mid_run_loses_no_operation() -> None:
+def operator_pod() -> dict[str, Any] | None:
+    items = kjson("get", "pods", "-l", "app.kubernetes.io/component=operator")["items"]
+    ready = [p for p in items if not p["metadata"].get("deletionTimestamp") and pod_ready(p)]
+    return ready[0] if len(ready) == 1 else None
+
+
+def test_operator_restart_adopts_operations_in_flight(claim_log: Any) -> None:
+    """The operator is restarted while every worker runs a long operation. The old one gives
+    them SHUTDOWN_GRACE (5 s here), then puts them back in the queue; the new one adopts the
+    running pods and their busy workers: no pod is replaced, no busy worker is handed a second
+    operation while it still runs the first, and every operation ends SUCCESS on its first
+    counted attempt."""
     name = f"restart-{RUN}"
+    seconds = 45  # outlasts the grace and the new operator's start-up
     apply_pool(name, 3)
     wait_ready(name, 3)
-    ids = enqueue(name, "sleep", 60, {"seconds": 1})
-    wait_for("work in progress", lambda: statuses(ids).get("SUCCESS", 0) >= 5, 120)
-    kubectl("delete", "pod", "-l", "app.kubernetes.io/component=operator", "--wait=false")
-    final = wait_all_final(ids, timeout=300)
-    assert all(r["status"] == "SUCCESS" for r in final), statuses(ids)
-    kubectl("rollout", "status", f"deployment/{RELEASE}-operator", "--timeout=120s", timeout=150)
-    delete_pool(name)
+    uids = {p["metadata"]["uid"] for p in live_pods(name)}
+    ids = enqueue(name, "sleep", 3, {"seconds": seconds})
+    wait_for("an operation on every worker", lambda: statuses(ids).get("PROCESSING") == 3, 60, interval=0.5)
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        started = dict(
+            conn.execute(
+                "SELECT worker, min(at) FROM public.damops_e2e_claims WHERE id = ANY(%s) GROUP BY worker", (ids,)
+            )
+        )
+        killed_at = conn.execute("SELECT now()").fetchone()[0]
+    assert len(started) == 3, started
+    old = operator_pod()
+    assert old is not None
+    # A restart as an upgrade does it: the Deployment's Recreate strategy stops the old operator before
+    # the new one starts. (Deleting the pod instead lets its ReplicaSet start the new one at once, and
+    # the two schedulers take the sidecars' channels from each other during the old one's grace.)
+    kubectl("rollout", "restart", f"deployment/{RELEASE}-operator")
+    new = wait_for(
+        "the new operator pod Ready",
+        lambda: (p := operator_pod()) and p["metadata"]["name"] != old["metadata"]["name"] and p,
+        120,
+    )
+    up_at = max(c["state"]["running"]["startedAt"] for c in new["status"]["containerStatuses"])
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        up = conn.execute("SELECT %s::timestamptz", (up_at,)).fetchone()[0]
+    assert (up - min(started.values())).total_seconds() < seconds - 10, (
+        f"the new operator started {up} only, too late to find the operations of {min(started.values())} in flight"
+    )
+    final = wait_all_final(ids, timeout=seconds * 4 + 60)
+    # nothing lost, and the interrupted attempt was given back, not counted
+    assert all(r["status"] == "SUCCESS" and r["attempts"] == 1 for r in final), final
+    # adopted, not replaced: the same pods, no container restarted
+    assert {p["metadata"]["uid"] for p in live_pods(name)} == uids
+    assert all(c["restartCount"] == 0 for p in live_pods(name) for c in p["status"]["containerStatuses"])
+    # a busy worker was adopted as busy: its next claim came only once its first operation had run out.
+    # (Today the old scheduler's stop puts the operation back to NEW, so the adopted worker's result is
+    # dropped and the operation runs a second time; once adopted results count, assert one claim each.)
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        later = conn.execute(
+            "SELECT worker, min(at) FROM public.damops_e2e_claims WHERE id = ANY(%s) AND at > %s GROUP BY worker",
+            (ids, killed_at),
+        ).fetchall()
+    for worker, at in later:
+        ran = (at - started[worker]).total_seconds()
+        assert ran >= seconds - 1, f"worker {worker} got a new operation {ran:.1f}s into its adopted one"
 
 
 def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
@@ -475,7 +535,37 @@ def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
     wait_for("both workers replaced by the new template", rolled, 180, interval=0.5)
     assert not old_uids & {p["metadata"]["uid"] for p in live_pods(name)}
     assert min_ready >= 2, "capacity dropped below replicas during the rolling replacement"
-    delete_pool(name)
+
+
+def operator_metrics() -> dict[str, float]:
+    """The operator's Prometheus samples (through the API server's pod proxy: works wherever kubectl does)."""
+    pod = operator_pod()
+    assert pod is not None
+    path = f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}:9090/proxy/metrics"
+    text = subprocess.run(["kubectl", "get", "--raw", path], capture_output=True, text=True, timeout=30, check=True)
+    samples = {}
+    for line in text.stdout.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_an_idle_pool_asks_the_api_server_nothing_per_round() -> None:
+    """Rounds read the pods from the watch (a kopf index), not from a LIST."""
+    name = f"idle-{RUN}"
+    apply_pool(name, 1)
+    wait_ready(name, 1)
+    rounds_key = f'damops_reconcile_rounds_total{{namespace="{NS}",workerpool="{name}"}}'
+
+    def counts() -> tuple[float, float]:
+        m = operator_metrics()
+        return m.get(rounds_key, 0.0), sum(v for k, v in m.items() if k.startswith("damops_api_requests_total"))
+
+    rounds0, requests0 = counts()
+    rounds, requests = wait_for("10 more rounds", lambda: (c := counts())[0] >= rounds0 + 10 and c, 120, interval=2)
+    # allowed: one status patch and one re-read of the channel secret (CONFIG_RESYNC) in the window
+    assert requests - requests0 <= 2, f"{requests - requests0:.0f} API requests in {rounds - rounds0:.0f} rounds"
 
 
 def test_deleting_the_pool_deletes_its_pods() -> None:
@@ -483,8 +573,14 @@ def test_deleting_the_pool_deletes_its_pods() -> None:
     apply_pool(name, 2)
     wait_ready(name, 2)
     assert len(live_pods(name)) == 2
+    began = time.monotonic()
     kubectl("delete", "workerpool", name, "--timeout=120s", timeout=150)
-    wait_for("the pool's pods to be gone", lambda: pods(name) == [], 120)
+    deleted = time.monotonic() - began
+    wait_for("the pool's pods to be gone", lambda: pods(name) == [], 120, interval=0.5)
+    gone = time.monotonic() - began
+    print(f"\n[e2e] idle pool deleted in {deleted:.1f}s, its pods gone after {gone:.1f}s", file=sys.stderr)
+    # an idle pool has nothing to wait for: its daemon stops at once, its pods get a short grace
+    assert deleted < 30 and gone < 45, (deleted, gone)
     assert kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0 or wait_for(
         "the channel secret to be collected",
         lambda: kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0,

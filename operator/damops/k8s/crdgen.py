@@ -16,39 +16,12 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from damops.k8s import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from damops.k8s.models import WorkerPoolSpec, WorkerPoolStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
-
-# Keys that a structural schema may carry; anything else pydantic emits is dropped.
-_ALLOWED = {
-    "type",
-    "description",
-    "properties",
-    "required",
-    "items",
-    "additionalProperties",
-    "enum",
-    "default",
-    "minimum",
-    "maximum",
-    "minLength",
-    "maxLength",
-    "minItems",
-    "maxItems",
-    "pattern",
-    "format",
-    "anyOf",
-    "nullable",
-    "x-kubernetes-preserve-unknown-fields",
-    "x-kubernetes-int-or-string",
-    "x-kubernetes-list-type",
-    "x-kubernetes-list-map-keys",
-    "x-kubernetes-map-type",
-    "x-kubernetes-validations",
-}
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -121,7 +94,7 @@ def _structural(node: Any) -> Any:
         "items",
         "x-kubernetes-validations",
     ):
-        if key not in node or key not in _ALLOWED:
+        if key not in node:  # anything pydantic emits beyond these keys is dropped
             continue
         value = node[key]
         if key == "properties":
@@ -137,7 +110,7 @@ def _structural(node: Any) -> Any:
     return out
 
 
-def model_schema(model: type) -> dict[str, Any]:
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     return _structural(_resolve(raw, defs))

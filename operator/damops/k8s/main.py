@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     import kopf
 
@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         peering_name=None if args.standalone else args.peering,
         liveness_endpoint=args.liveness or None,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

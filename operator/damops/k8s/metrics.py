@@ -24,6 +24,10 @@ DISPATCH_LATENCY = Counter(
     _LABELS,
 )
 WORKER_RESTARTS = Counter("damops_worker_restarts", "Worker pods replaced by the operator", _LABELS + ("reason",))
+ROUNDS = Counter("damops_reconcile_rounds", "Reconcile rounds of a WorkerPool's daemon", _LABELS)
+API_REQUESTS = Counter(
+    "damops_api_requests", "Kubernetes API requests of the operator's own client (kopf's watches aside)", ("verb",)
+)
 
 _STATS = {
     "claimed": CLAIMED,

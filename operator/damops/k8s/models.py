@@ -222,13 +222,3 @@ class WorkerPoolStatus(_Model):
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     template_hash: str | None = Field(default=None, description="Hash of the current pod template.")
     conditions: list[Condition] = Field(default_factory=list)
-
-
-class WorkerPool(_Model):
-    """The whole resource, as the operator reads it (metadata left as a dict)."""
-
-    api_version: str = "damops.dev/v1alpha1"
-    kind: Literal["WorkerPool"] = "WorkerPool"
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    spec: WorkerPoolSpec
-    status: WorkerPoolStatus | None = None

@@ -14,10 +14,38 @@ Rules (issue 3):
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Literal
 
-WorkerStateName = Literal["pending", "free", "active"]
+from damops.dispatch import WorkerState
+
+
+class ActionKind(str, enum.Enum):
+    CREATE = "create"
+    DELETE = "delete"
+    DRAIN = "drain"
+
+
+class Reason(str, enum.Enum):
+    """Why an action is taken; the value is what Events and logs show."""
+
+    SCALE_UP = "scale up"
+    TEMPLATE_CHANGED = "template changed"
+    SCALE_DOWN_PENDING = "scale down (pending)"
+    SCALE_DOWN_FREE = "scale down (free)"
+    SCALE_DOWN_ACTIVE = "scale down (active)"
+    DRAINED = "drained"
+    POD_SUCCEEDED = "pod succeeded"
+    POD_FAILED = "pod failed"
+
+    @property
+    def scale_down(self) -> bool:
+        return self in (Reason.SCALE_DOWN_PENDING, Reason.SCALE_DOWN_FREE, Reason.SCALE_DOWN_ACTIVE)
+
+    @property
+    def pod_finished(self) -> bool:
+        """The pod's containers ended on their own: the worker is restarted, not scaled."""
+        return self in (Reason.POD_SUCCEEDED, Reason.POD_FAILED)
 
 
 @dataclass(frozen=True)
@@ -31,15 +59,14 @@ class PodInfo:
     terminating: bool = False  # metadata.deletionTimestamp is set
     draining: bool = False  # annotated damops.dev/draining
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
-    worker_state: WorkerStateName | None = None  # from the scheduler; None = not known to it
-    uid: str = ""
+    worker_state: WorkerState | None = None  # from the scheduler; None = not known to it
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["create", "delete", "drain"]
+    kind: ActionKind
     name: str = ""
-    reason: str = ""
+    reason: Reason = Reason.SCALE_UP
 
 
 @dataclass
@@ -56,14 +83,18 @@ class Plan:
 
     @property
     def creates(self) -> int:
-        return sum(1 for a in self.actions if a.kind == "create")
+        return sum(1 for a in self.actions if a.kind is ActionKind.CREATE)
+
+    @property
+    def scaling_down(self) -> bool:
+        return any(a.reason.scale_down for a in self.actions)
 
     def names(self, kind: str) -> list[str]:
         return [a.name for a in self.actions if a.kind == kind]
 
 
-def _state(p: PodInfo) -> WorkerStateName:
-    return p.worker_state or "pending"
+def _state(p: PodInfo) -> WorkerState:
+    return WorkerState(p.worker_state) if p.worker_state else WorkerState.PENDING
 
 
 def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int = 1) -> Plan:
@@ -74,7 +105,8 @@ def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int =
         if p.terminating:
             continue
         if p.phase in ("Succeeded", "Failed"):
-            result.actions.append(Action("delete", p.name, f"pod {p.phase.lower()}"))
+            finished = Reason.POD_SUCCEEDED if p.phase == "Succeeded" else Reason.POD_FAILED
+            result.actions.append(Action(ActionKind.DELETE, p.name, finished))
             continue
         live.append(p)
 
@@ -82,36 +114,37 @@ def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int =
     serving: list[PodInfo] = []
     for p in live:
         if p.draining:
-            if p.worker_state == "active":
+            if _state(p) is WorkerState.ACTIVE:
                 result.draining += 1
                 result.active += 1
                 continue
-            result.actions.append(Action("delete", p.name, "drained"))
+            result.actions.append(Action(ActionKind.DELETE, p.name, Reason.DRAINED))
             continue
         serving.append(p)
 
-    for p in serving:
-        s = _state(p)
-        setattr(result, s, getattr(result, s) + 1)
+    states = [_state(p) for p in serving]
+    result.pending = states.count(WorkerState.PENDING)
+    result.free = states.count(WorkerState.FREE)
+    result.active += states.count(WorkerState.ACTIVE)
     result.replicas = len(serving) + result.draining
-    result.ready = sum(1 for p in serving if _state(p) in ("free", "active")) + result.draining
+    result.ready = result.free + result.active
     result.updated = sum(1 for p in serving if p.template_hash == template_hash)
 
     outdated = [p for p in serving if p.template_hash != template_hash]
-    current_pending = [p for p in serving if p.template_hash == template_hash and _state(p) == "pending"]
-    ready = sum(1 for p in serving if _state(p) in ("free", "active"))
+    current_pending = [p for p in serving if p.template_hash == template_hash and _state(p) is WorkerState.PENDING]
+    ready = result.ready - result.draining
     excess = len(serving) - desired
 
     if excess < 0:
-        result.actions.extend(Action("create", reason="scale up") for _ in range(-excess))
+        result.actions.extend(Action(ActionKind.CREATE, reason=Reason.SCALE_UP) for _ in range(-excess))
         return result
 
     if excess == 0:
         # rolling replacement: surge new pods while outdated non-active workers exist
-        replaceable = [p for p in outdated if _state(p) != "active"]
+        replaceable = [p for p in outdated if _state(p) is not WorkerState.ACTIVE]
         if replaceable and len(current_pending) < max_surge:
             room = min(max_surge - len(current_pending), len(replaceable))
-            result.actions.extend(Action("create", reason="template changed") for _ in range(room))
+            result.actions.extend(Action(ActionKind.CREATE, reason=Reason.TEMPLATE_CHANGED) for _ in range(room))
         return result
 
     # excess > 0: choose victims. Order: outdated pending, outdated free, current pending,
@@ -120,31 +153,37 @@ def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int =
         return sorted(items, key=lambda p: (p.created, p.name), reverse=True)
 
     rolling = bool(outdated)
-    by = lambda cur, st: newest_first(  # noqa: E731
-        [p for p in serving if (p.template_hash == template_hash) == cur and _state(p) == st]
-    )
-    candidates = by(False, "pending") + by(False, "free") + by(True, "pending") + by(True, "free")
-    candidates += by(False, "active") + by(True, "active")
+
+    def by(current: bool, state: WorkerState) -> list[PodInfo]:
+        return newest_first(
+            [p for p in serving if (p.template_hash == template_hash) == current and _state(p) is state]
+        )
+
+    pending, free, active = WorkerState.PENDING, WorkerState.FREE, WorkerState.ACTIVE
+    candidates = by(False, pending) + by(False, free) + by(True, pending) + by(True, free)
+    candidates += by(False, active) + by(True, active)
     for p in candidates:
         if excess <= 0:
             break
         state = _state(p)
         current = p.template_hash == template_hash
-        if state == "pending":
+        if state is WorkerState.PENDING:
             if current and rolling:
                 continue  # a surge pod coming up to replace an outdated worker
-            result.actions.append(Action("delete", p.name, "scale down (pending)"))
+            result.actions.append(Action(ActionKind.DELETE, p.name, Reason.SCALE_DOWN_PENDING))
             excess -= 1
-        elif state == "free":
+        elif state is WorkerState.FREE:
             if ready - 1 < desired:
                 continue  # keep capacity until the replacements are ready
             ready -= 1
-            result.actions.append(Action("delete", p.name, "template changed" if not current else "scale down (free)"))
+            why = Reason.SCALE_DOWN_FREE if current else Reason.TEMPLATE_CHANGED
+            result.actions.append(Action(ActionKind.DELETE, p.name, why))
             excess -= 1
         else:  # active: drain, never kill – but not merely to make room for surge pods
             if rolling and excess <= len(current_pending):
                 continue
-            result.actions.append(Action("drain", p.name, "scale down (active)" if current else "template changed"))
+            why = Reason.SCALE_DOWN_ACTIVE if current else Reason.TEMPLATE_CHANGED
+            result.actions.append(Action(ActionKind.DRAIN, p.name, why))
             excess -= 1
     return result
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from damops.k8s.reconcile import PodInfo, plan, sync_scheduler
+from damops.dispatch import WorkerState
+from damops.k8s.reconcile import ActionKind, PodInfo, Reason, plan, sync_scheduler
 
 H = "new"
 OLD = "old"
@@ -104,3 +105,19 @@ def test_sync_scheduler_readds_on_ip_change_and_never_readds_drained() -> None:
     assert s.add == [("a", "198.18.0.3")] and s.drain == []
     s2 = sync_scheduler(pods, {"a": "198.18.0.3", "d": "198.18.0.5"})
     assert s2.add == [] and s2.drain == ["d"]
+
+
+def test_actions_carry_their_reason() -> None:
+    p = plan(1, H, [pod("x", "free"), pod("y", "pending"), pod("z", "active"), pod("dead", None, phase="Failed")])
+    reasons = {a.name: a.reason for a in p.actions}
+    assert reasons == {"dead": Reason.POD_FAILED, "y": Reason.SCALE_DOWN_PENDING, "x": Reason.SCALE_DOWN_FREE}
+    assert p.scaling_down
+    done = plan(1, H, [pod("z", "free"), pod("d", None, draining=True)])
+    assert [(a.kind, a.reason) for a in done.actions] == [(ActionKind.DELETE, Reason.DRAINED)]
+    assert not done.scaling_down
+    rolled = plan(1, H, [pod("o", WorkerState.ACTIVE, h=OLD), pod("n", WorkerState.FREE), pod("m", "free")])
+    # free current workers go before an outdated active one is even drained
+    assert sorted((a.kind, a.name, a.reason) for a in rolled.actions) == [
+        (ActionKind.DELETE, "m", Reason.SCALE_DOWN_FREE),
+        (ActionKind.DELETE, "n", Reason.SCALE_DOWN_FREE),
+    ]

@@ -1,0 +1,59 @@
+"""Small pure parts of the operator: Events of a round, the housekeeper refcount, pool settings."""
+
+from __future__ import annotations
+
+from damops.config import Settings
+from damops.k8s.events import summary
+from damops.k8s.housekeepers import RefCount
+from damops.k8s.models import WorkerPoolSpec
+from damops.k8s.poolconfig import SchedulerConfig, pool_settings
+from damops.k8s.reconcile import Action, ActionKind, Reason
+
+
+def test_events_of_a_round() -> None:
+    done = [
+        Action(ActionKind.CREATE, reason=Reason.SCALE_UP),
+        Action(ActionKind.CREATE, reason=Reason.SCALE_UP),
+        Action(ActionKind.DELETE, "dead", Reason.POD_FAILED),
+        Action(ActionKind.DELETE, "x", Reason.SCALE_DOWN_FREE),
+        Action(ActionKind.DRAIN, "busy", Reason.SCALE_DOWN_ACTIVE),
+    ]
+    events = {e.reason: e for e in summary(done, desired=4)}
+    assert set(events) == {"WorkerRestarted", "ScalingUp", "ScalingDown", "Draining"}
+    assert events["WorkerRestarted"].type == "Warning" and "dead: pod failed" in events["WorkerRestarted"].message
+    assert events["ScalingUp"].message == "created 2 worker pod(s) (desired 4)"
+    assert events["ScalingDown"].message == "deleted 2 worker pod(s): pod failed, scale down (free)"
+    assert summary([], desired=4) == []
+
+
+def test_reasons_know_scale_down_from_restarts() -> None:
+    assert {r for r in Reason if r.scale_down} == {
+        Reason.SCALE_DOWN_PENDING,
+        Reason.SCALE_DOWN_FREE,
+        Reason.SCALE_DOWN_ACTIVE,
+    }
+    assert {r for r in Reason if r.pod_finished} == {Reason.POD_FAILED, Reason.POD_SUCCEEDED}
+
+
+def test_refcount_says_first_and_last() -> None:
+    refs = RefCount()
+    assert refs.acquire("db1") is True
+    assert refs.acquire("db1") is False
+    assert refs.acquire("db2") is True and len(refs) == 2
+    assert refs.release("db1") is False
+    assert refs.release("db1") is True and len(refs) == 1
+    assert refs.release("db1") is False  # released more often than acquired: nothing to stop twice
+    assert refs.release("never") is False and len(refs) == 1
+
+
+def test_pool_timings_override_the_operator_defaults() -> None:
+    base = Settings(SCHEDULER_HEARTBEAT="1s", MAX_WORKER_ACTIVE_TIME="10m")
+    spec = WorkerPoolSpec.model_validate({"timings": {"maxWorkerActiveTime": "6s", "operationWaitInterval": "500ms"}})
+    s = pool_settings(base, spec)
+    assert s.max_worker_active_time == 6.0 and s.operation_wait_interval == 0.5
+    assert s.scheduler_heartbeat == 1.0  # unset: the Helm value
+    assert base.max_worker_active_time == 600.0  # the operator's own settings are untouched
+    a = SchedulerConfig("postgresql://db", "p", "secret", s)
+    assert a.key == SchedulerConfig("postgresql://db", "p", "secret", pool_settings(base, spec)).key
+    assert a.key != SchedulerConfig("postgresql://db", "p", "rotated", s).key
+    assert a.key != SchedulerConfig("postgresql://db", "p", "secret", base).key
