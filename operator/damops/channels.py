@@ -30,6 +30,9 @@ class SidecarChannels:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._open: dict[str, protocol.Channel] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Off once the scheduler stops: a channel that drops then (another scheduler
+        # took the sidecar over, as in an operator restart) is not taken back.
+        self.reconnect = True
 
     def open(self, name: str, host: str, port: int) -> None:
         self.addresses[name] = (host, port)
@@ -76,6 +79,8 @@ class SidecarChannels:
                         del self._open[name]
                     channel.writer.close()
                 self.events.on_lost(name)
+            if not self.reconnect:
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

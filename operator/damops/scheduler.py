@@ -86,6 +86,7 @@ class Scheduler:
         without, their sidecars keep them for the next scheduler to adopt."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.claiming = False
+        self._channels.reconnect = False
         deadline = time.monotonic() + grace
         while self.table.leases() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

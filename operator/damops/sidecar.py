@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
 
 from damops import protocol
@@ -52,6 +53,7 @@ class Sidecar:
         self.undelivered: list[StatusUpdate] = []
         self.stopped = asyncio.Event()
         self.boot = secrets.token_hex(8)
+        self.terminating = False
 
     # --- servers -----------------------------------------------------------
 
@@ -80,11 +82,28 @@ class Sidecar:
             self.socket_path,
             scheduler_server.sockets[0].getsockname(),
         )
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.terminate)
         try:
             await self.stopped.wait()
         finally:
             for server in servers:
                 server.close()
+
+    def terminate(self) -> None:
+        """SIGTERM (a pod deleted, a node drained): take no new operation; exit at once
+        when idle, else once the running operation's StatusUpdate is handed over."""
+        if not self.terminating:
+            log.info(
+                "sidecar %s: SIGTERM, %s",
+                self.name,
+                "finishing its operation first" if self.assignment else "idle, exiting",
+            )
+        self.terminating = True
+        self._exit_when_idle()
+
+    def _exit_when_idle(self) -> None:
+        if self.terminating and self.assignment is None and not self.undelivered:
+            self.stopped.set()
 
     # --- the worker side ---------------------------------------------------
 
@@ -167,6 +186,7 @@ class Sidecar:
         for update in self.undelivered:
             channel.send_nowait(update)
         self.undelivered.clear()
+        self._exit_when_idle()
         if self.worker_ready is not None and self.assignment is None:
             channel.send_nowait(Ready(worker=self.name, pid=self.worker_ready.pid))
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
@@ -197,8 +217,8 @@ class Sidecar:
             await channel.close()
 
     def _assign(self, op: Operation, frame: bytes) -> None:
-        if self.worker is None or self.worker_ready is None or self.assignment is not None:
-            state = "busy" if self.assignment else "not ready"
+        if self.worker is None or self.worker_ready is None or self.assignment is not None or self.terminating:
+            state = "busy" if self.assignment else "stopping" if self.terminating else "not ready"
             self._deliver(
                 StatusUpdate(
                     id=op.id,
@@ -222,6 +242,7 @@ class Sidecar:
                 self.scheduler.send_nowait(update)
         else:
             self.undelivered.append(update)
+        self._exit_when_idle()
 
     def _to_scheduler(self, message: protocol._Message) -> None:
         if self.scheduler is not None:
@@ -234,7 +255,7 @@ class Sidecar:
             request = await asyncio.wait_for(reader.readline(), 5)
             path = request.split()[1].decode() if len(request.split()) > 1 else "/"
             if path.startswith("/readyz"):
-                ok = self.worker_ready is not None
+                ok = self.worker_ready is not None and not self.terminating
                 body = b"ready\n" if ok else b"worker not ready\n"
             else:
                 ok, body = True, b"alive\n"

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -92,6 +93,8 @@ class WorkerRuntime:
         self._channel: BlockingChannel | None = None
         self._cancels: dict[tuple[int, int], threading.Event] = {}  # per queued or running operation
         self._cancels_lock = threading.Lock()
+        self._running = False
+        self._terminating = False
 
     def preload(self, names: list[str]) -> None:
         """Import trigger functions before saying Ready (pre-heating): the first
@@ -111,6 +114,8 @@ class WorkerRuntime:
         log.info("worker %s (pid %d) ready", self.name, os.getpid())
         stop_beating = threading.Event()
         threading.Thread(target=self._heartbeat, args=(channel, stop_beating), daemon=True).start()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         inbox: queue.Queue[Operation | BaseException | None] = queue.Queue()
         threading.Thread(target=self._read, args=(channel, inbox), daemon=True, name="reader").start()
         try:
@@ -121,14 +126,25 @@ class WorkerRuntime:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                self._running = True
                 try:
                     channel.send_frame(self._frame(self.handle(item)))
                 finally:
+                    self._running = False
                     with self._cancels_lock:
                         self._cancels.pop((item.id, item.attempt), None)
+                if self._terminating:
+                    log.info("worker %s: finished its operation after SIGTERM, exiting", self.name)
+                    return
         finally:
             stop_beating.set()
             channel.close()
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        """Idle: exit now. Running an operation: finish it, send its StatusUpdate, then exit."""
+        self._terminating = True
+        if not self._running:
+            raise SystemExit(0)
 
     def _read(self, channel: BlockingChannel, inbox: queue.Queue[Operation | BaseException | None]) -> None:
         """The reader thread: operations go to the main thread, a Cancel reaches the

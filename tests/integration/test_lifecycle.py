@@ -284,8 +284,15 @@ def test_cancel_of_a_processing_operation_requests_it_and_notifies_its_pool(data
     assert requested == [(op_id, held.attempt, held.worker)]
 
     async def from_the_scheduler():
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as aconn:
-            return await store.cancel_requested(aconn, "images")
+        from damops.config import Settings
+        from damops.cycle import DispatchCycle
+        from damops.dispatch import Stats
+
+        cycle = DispatchCycle(Settings(), database_url, "images", Stats())
+        try:
+            return await cycle.cancel_requests()
+        finally:
+            await cycle.close()
 
     assert asyncio.run(from_the_scheduler()) == [(op_id, held.attempt, held.worker)]
     assert conn.execute(store.CANCEL_REQUESTED_SQL, store.cancel_requested_params("default")).fetchall() == []

@@ -483,3 +483,38 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+# --- SIGTERM (a pod deleted, a node drained): idle workers go at once, busy ones finish -------
+
+
+def test_sigterm_lets_a_busy_pair_finish_its_operation_and_an_idle_pair_exit_at_once(database_url, tmp_path):
+    log_file, flag = tmp_path / "executions.log", tmp_path / "started"
+
+    async def scenario():
+        async with running_engine(database_url, settings(worker_count=2), housekeeping=False) as engine:
+            with psycopg.connect(database_url) as conn:
+                op_id = enqueue(
+                    conn, f"{HOSTILE}:record_then_sleep", {"seconds": 2, "log": str(log_file), "flag": str(flag)}
+                )
+            await wait_until(flag.exists, 30, "the operation to start")
+            busy_pid = int(flag.read_text())
+            pairs = list(engine.supervisor.pairs.values())
+            busy = next(p for p in pairs if p.worker.pid == busy_pid)
+            idle = next(p for p in pairs if p is not busy)
+            busy_procs, idle_procs = (busy.worker, busy.sidecar), (idle.worker, idle.sidecar)
+            signalled = time.monotonic()
+            for process in (*busy_procs, *idle_procs):
+                process.send_signal(signal.SIGTERM)
+            await wait_until(lambda: all(p.poll() is not None for p in idle_procs), 10, "the idle pair to exit")
+            idle_exit = time.monotonic() - signalled
+            await wait_until(lambda: all(p.poll() is not None for p in busy_procs), 30, "the busy pair to exit")
+            await wait_final(database_url, [op_id], timeout=30)
+            return op_id, idle_exit, [p.returncode for p in (*busy_procs, *idle_procs)]
+
+    op_id, idle_exit, codes = asyncio.run(scenario())
+    done = row(database_url, op_id)
+    assert done["status"] == "SUCCESS" and done["attempts"] == 1  # finished, not interrupted
+    assert log_file.read_text().count(" end") == 1
+    assert codes == [0, 0, 0, 0]  # clean exits, none killed
+    assert idle_exit < 5, idle_exit

@@ -18,7 +18,7 @@ from damops.k8s.reconcile import PodInfo
 from damops.k8s.specs import ANNOTATION_DRAINING, LABEL_HASH
 
 if TYPE_CHECKING:
-    from damops.scheduler import WorkerView
+    from damops.dispatch import WorkerView
 
 #: container waiting reasons that will not go away by themselves
 BROKEN = frozenset(

@@ -145,7 +145,8 @@ class PoolRuntime:
             return
         if self.scheduler is not None:
             log.info("scheduler settings changed: restarting the scheduler of pool %r", config.pool)
-            await self.scheduler.stop(grace=0)
+            # The sidecars keep what they run; the new scheduler adopts it.
+            await self.scheduler.stop(grace=0, release=False)
             self.scheduler = None
         if self.db_url != config.url:
             await asyncio.to_thread(migrate, config.url)
@@ -284,10 +285,14 @@ class PoolRuntime:
 
     async def stop(self, deleting: bool) -> None:
         """Stop the scheduler. When the pool is being deleted there is nothing to wait for:
-        operations go back to the queue at once and the pods go with a short grace."""
+        operations go back to the queue at once and the pods go with a short grace;
+        otherwise nothing is given back, so nothing runs twice."""
         if self.scheduler is not None:
             try:
-                await self.scheduler.stop(grace=0 if deleting else min(self.op.settings.shutdown_grace, 60))
+                # Deleted: unfinished operations go back to the queue. Operator shutdown or
+                # restart: the sidecars keep them, and the next operator adopts them.
+                grace = 0 if deleting else min(self.op.settings.shutdown_grace, 60)
+                await self.scheduler.stop(grace=grace, release=deleting)
             except Exception as exc:  # the pods and the housekeeper must still be let go
                 log.exception("scheduler of %s/%s did not stop cleanly: %s", self.namespace, self.name, exc)
             self.scheduler = None

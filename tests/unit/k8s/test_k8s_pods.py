@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from damops.dispatch import WorkerState
+from damops.dispatch import WorkerState, WorkerView
 from damops.k8s.pods import Expectations, observe_pod, pod_info, scheduler_states, with_worker_states
 from damops.k8s.reconcile import PodInfo, plan
-from damops.scheduler import WorkerView
 
 
 def raw(name: str = "p", **status) -> dict:
