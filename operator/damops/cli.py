@@ -228,6 +228,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides["worker_count"] = args.workers
     if args.pool is not None:
         overrides["pool"] = args.pool
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
     if args.demo and "RETRY_BACKOFF_BASE" not in os.environ:
         # The demo's flaky operations should retry within its minute, not after 30 s each.
         overrides["retry_backoff_base"] = 1.0
@@ -520,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pool", help="which pool's operations to claim (default DAMOPS_POOL)")
     run.add_argument("--demo", action="store_true", help="enqueue sample operations, show progress, exit when done")
     run.add_argument("--demo-count", type=int, default=200, help="how many sample operations --demo enqueues")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port (default DAMOPS_RUN_METRICS_PORT, 0 = off)",
+    )
     run.set_defaults(func=cmd_run)
 
     enqueue = sub.add_parser("enqueue", help="create one operation; prints its id")

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # After a cancel reached a running operation: how long it may take to stop
     # before its worker is killed and replaced.
     cancel_grace: Duration = Field(default=10.0, validation_alias="CANCEL_GRACE")
+    # Prometheus /metrics of `damops run` (0 = off); the operator has its own DAMOPS_METRICS_PORT.
+    metrics_port: int = Field(default=0, ge=0, le=65535, validation_alias="DAMOPS_RUN_METRICS_PORT")
+    metrics_host: str = Field(default="127.0.0.1", validation_alias="DAMOPS_RUN_METRICS_HOST")
     max_attempts: int = Field(default=3, ge=1, le=100, validation_alias="MAX_ATTEMPTS")
     # Backoff of retryable failures (see damops.backoff for why these defaults).
     retry_backoff_base: Duration = Field(default=30.0, validation_alias="RETRY_BACKOFF_BASE")

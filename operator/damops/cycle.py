@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from damops import store
+from damops import metrics, store
 from damops.backoff import RetryPolicy
 from damops.config import Settings
 from damops.dispatch import Completion, Lease, PendingWrites, Stats
@@ -196,6 +196,9 @@ class DispatchCycle:
             counter = _COUNTERS.get(done.status)
             if counter is not None:
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+            metrics.observe_run(
+                self.pool, done.trigger_function, done.status, done.attempts, done.duration, done.waited
+            )
             finished_log.info(
                 done.describe(),
                 extra={

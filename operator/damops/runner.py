@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from damops import metrics
 from damops.config import ConfigError, Settings
 from damops.db import migrate
 from damops.embedded import resolve_database_url
@@ -220,6 +221,9 @@ async def run_async(
     scheduler = Scheduler(settings, url, secret=secret)
     supervisor = LocalSupervisor(scheduler, settings.worker_count, secret)
     housekeeper = Housekeeper(settings, url)
+    if settings.metrics_port:
+        served = metrics.serve(settings.metrics_port, scheduler.pool, scheduler.snapshot, settings.metrics_host)
+        say(f"damops run: metrics on http://{settings.metrics_host}:{served.port}/metrics")
     await scheduler.start()
     started = time.monotonic()
     await supervisor.start()

@@ -102,13 +102,14 @@ WITH u AS (
         updated = now()
     FROM decided AS d
     WHERE o.id = d.id
-    RETURNING o.id, o.status, o.trigger_function, o.attempts, o.started,
+    RETURNING o.id, o.status, o.trigger_function, o.attempts, o.started, o.created,
               d.attempt, d.worker, d.outcome, d.error, d.traceback
 ), history AS (
     INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, traceback, started)
     SELECT id, attempt, worker, outcome, status, error, traceback, started FROM done
 )
-SELECT id, status, trigger_function, attempts, extract(epoch FROM now() - started)::float8 AS duration
+SELECT id, status, trigger_function, attempts, extract(epoch FROM now() - started)::float8 AS duration,
+       extract(epoch FROM started - created)::float8 AS waited
 FROM done
 """
 
@@ -172,6 +173,7 @@ class Completed:
     trigger_function: str
     attempts: int
     duration: float | None
+    waited: float | None = None  # enqueue to the start of this run (the queue time on attempt 1)
 
     @property
     def final(self) -> bool:

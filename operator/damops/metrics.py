@@ -1,0 +1,90 @@
+"""Prometheus metrics of the engine, wherever a scheduler runs (``damops run
+--metrics-port``, the operator): what happened to operations, and how long
+they waited and ran. Names follow Prometheus conventions (base units, _total).
+The operator's own metrics (per WorkerPool, API requests) are in damops.k8s.metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+from damops.dispatch import Snapshot
+
+# Asset operations take from milliseconds to many minutes.
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+FINISHED = Counter(
+    "damops_operation_runs",
+    "Runs of operations whose StatusUpdate was stored, by the status it left (SUCCESS, FAILED, NEW = retried, ...)",
+    ("pool", "trigger_function", "status"),
+)
+DURATION = Histogram(
+    "damops_operation_duration_seconds",
+    "Execution time of one run of an operation (start to StatusUpdate)",
+    ("pool", "trigger_function"),
+    buckets=_SECONDS,
+)
+QUEUE_WAIT = Histogram(
+    "damops_operation_queue_seconds",
+    "Time from enqueue to the start of its first run",
+    ("pool", "trigger_function"),
+    buckets=_SECONDS,
+)
+
+
+def observe_run(
+    pool: str, trigger_function: str, status: str, attempts: int, duration: float | None, waited: float | None
+) -> None:
+    FINISHED.labels(pool, trigger_function, status).inc()
+    if duration is not None:
+        DURATION.labels(pool, trigger_function).observe(max(duration, 0.0))
+    if waited is not None and attempts == 1:
+        QUEUE_WAIT.labels(pool, trigger_function).observe(max(waited, 0.0))
+
+
+class WorkersCollector(Collector):
+    """Workers by state (and the scheduler's counters) read from a snapshot at scrape time."""
+
+    def __init__(self, pool: str, snapshot: Callable[[], Snapshot]) -> None:
+        self.pool = pool
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.snapshot()
+        workers = GaugeMetricFamily(
+            "damops_scheduler_workers", "Workers of this scheduler by state", labels=("pool", "state")
+        )
+        for state, count in (
+            ("pending", snap.pending),
+            ("free", snap.free),
+            ("active", snap.active),
+            ("draining", snap.draining),
+        ):
+            workers.add_metric((self.pool, state), count)
+        yield workers
+
+
+@dataclass
+class MetricsServer:
+    port: int
+    close: Callable[[], None]
+
+
+def serve(port: int, pool: str, snapshot: Callable[[], Snapshot], host: str = "127.0.0.1") -> MetricsServer:
+    """Serve /metrics (port 0: a free one) until ``close()``."""
+    from prometheus_client import start_http_server
+
+    collector = WorkersCollector(pool, snapshot)
+    REGISTRY.register(collector)
+    server, _ = start_http_server(port, addr=host)
+
+    def close() -> None:
+        server.shutdown()
+        REGISTRY.unregister(collector)
+
+    return MetricsServer(int(server.server_port), close)

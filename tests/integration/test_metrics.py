@@ -1,0 +1,68 @@
+"""The engine's Prometheus metrics, scraped over HTTP and read with the client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from damops import metrics
+from damops.operations import NewOperation, enqueue_many
+from tests.support.engine import running_engine, settings, wait_final
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_runs_durations_queue_times_and_workers_are_exported(database_url):
+    pool = "metrics-pool"
+
+    async def scenario():
+        async with running_engine(database_url, settings(worker_count=2, pool=pool)) as engine:
+            served = metrics.serve(0, pool, engine.scheduler.snapshot)
+            try:
+                before = scrape(served.port)
+                with psycopg.connect(database_url) as conn:
+                    ids = enqueue_many(
+                        conn,
+                        [NewOperation("noop", pool=pool) for _ in range(5)]
+                        + [NewOperation("fail", {"message": "x"}, pool=pool, max_attempts=1)],
+                    )
+                await wait_final(database_url, ids)
+                return before, scrape(served.port)
+            finally:
+                served.close()
+
+    before, after = asyncio.run(scenario())
+    ok = {"pool": pool, "trigger_function": "noop"}
+    assert (
+        value(after, "damops_operation_runs_total", status="SUCCESS", **ok)
+        - value(before, "damops_operation_runs_total", status="SUCCESS", **ok)
+        == 5
+    )
+    assert value(after, "damops_operation_runs_total", pool=pool, trigger_function="fail", status="FAILED") >= 1
+    assert (
+        value(after, "damops_operation_duration_seconds_count", **ok)
+        - value(before, "damops_operation_duration_seconds_count", **ok)
+        == 5
+    )
+    assert (
+        value(after, "damops_operation_queue_seconds_count", **ok)
+        - value(before, "damops_operation_queue_seconds_count", **ok)
+        == 5
+    )
+    assert value(after, "damops_operation_queue_seconds_bucket", le="+Inf", **ok) >= 5
+    assert value(after, "damops_scheduler_workers", pool=pool, state="free") == 2
