@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from damops.dispatch import Snapshot
@@ -54,7 +54,7 @@ class WorkersCollector(Collector):
         self.pool = pool
         self.snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.snapshot()
         workers = GaugeMetricFamily(
             "damops_scheduler_workers", "Workers of this scheduler by state", labels=("pool", "state")
@@ -67,6 +67,21 @@ class WorkersCollector(Collector):
         ):
             workers.add_metric((self.pool, state), count)
         yield workers
+        for key, help_text in _SCHEDULER_COUNTERS.items():
+            family = CounterMetricFamily(f"damops_scheduler_{key}", help_text, labels=("pool",))
+            family.add_metric((self.pool,), float(snap.stats.get(key, 0) or 0))
+            yield family
+
+
+# Counters of the dispatch core worth watching: the difference between a
+# hand-over and an execution (released), and what the scheduler had to recover.
+_SCHEDULER_COUNTERS = {
+    "released": "Hand-overs given back without using an attempt (they never reached the trigger function)",
+    "recovered": "Operations the scheduler ended as failures: their worker died, expired or was removed",
+    "readopted": "Operations kept across a dropped channel or adopted from a sidecar (not run twice)",
+    "dropped_channels": "Scheduler-sidecar channels that dropped",
+    "write_errors": "StatusUpdates the database refused as sent (stored as failures naming why)",
+}
 
 
 @dataclass
