@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 
 from damops import protocol
 from damops.lifeline import die_with_parent
@@ -66,16 +67,16 @@ class Sidecar:
     ) -> None:
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
-        worker_server = await asyncio.start_unix_server(self._on_worker, path=self.socket_path)
+        worker_server = await asyncio.start_unix_server(_ends_quietly(self._on_worker), path=self.socket_path)
         os.chmod(self.socket_path, 0o660)
         if listen_fd is not None:
             sock = socket.socket(fileno=listen_fd)
-            scheduler_server = await asyncio.start_server(self._on_scheduler, sock=sock)
+            scheduler_server = await asyncio.start_server(_ends_quietly(self._on_scheduler), sock=sock)
         else:
-            scheduler_server = await asyncio.start_server(self._on_scheduler, listen_host, listen_port)
+            scheduler_server = await asyncio.start_server(_ends_quietly(self._on_scheduler), listen_host, listen_port)
         servers = [worker_server, scheduler_server]
         if health_port is not None:
-            servers.append(await asyncio.start_server(self._on_health, "0.0.0.0", health_port))
+            servers.append(await asyncio.start_server(_ends_quietly(self._on_health), "0.0.0.0", health_port))
         log.info(
             "sidecar %s listening: worker socket %s, scheduler %s",
             self.name,
@@ -273,6 +274,21 @@ class Sidecar:
             pass
         finally:
             writer.close()
+
+
+def _ends_quietly(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A connection handler cancelled at shutdown ends normally: asyncio would
+    otherwise log a traceback for each connection still open when the sidecar exits."""
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
+
+    return run
 
 
 def main(
