@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
+from damops import store
+from damops.dispatch import Lease
 from damops.lifeline import PARENT_ENV
 from damops.scheduler import Scheduler
 
@@ -105,11 +108,7 @@ class LocalSupervisor:
         return [sys.executable, "-m", "damops", *args]
 
     async def start(self) -> None:
-        await self.scheduler.recover_abandoned(
-            f"{self.hostname}-",
-            lambda worker: abandoned_by_dead_run(worker, self.hostname, pid_alive),
-            "its damops run died while the operation ran",
-        )
+        await self._recover_abandoned()
         for index in range(1, self.count + 1):
             name = f"{self.prefix}-w{index}"
             pair = LocalPair(name, os.path.join(self._root, f"w{index}"))
@@ -120,6 +119,24 @@ class LocalSupervisor:
             self.scheduler.add_worker(name, "127.0.0.1", pair.port)
         self.scheduler.on_worker_expired = self.kill_worker
         self._monitor = asyncio.create_task(self._watch())
+
+    async def _recover_abandoned(self) -> None:
+        """What a dead run on this host left PROCESSING: its workers died with it."""
+        params = {"pool": self.scheduler.pool, "prefix": f"{self.hostname}-%"}
+        async with await psycopg.AsyncConnection.connect(self.scheduler.database_url, autocommit=True) as conn:
+            rows = await (await conn.execute(store.HELD_BY_SQL, params)).fetchall()
+        leases = [
+            Lease(op_id, attempt, worker)
+            for op_id, attempt, worker in rows
+            if abandoned_by_dead_run(worker, self.hostname, pid_alive)
+        ]
+        if leases:
+            log.warning(
+                "recovering %d operation(s) left PROCESSING by a run that died: %s",
+                len(leases),
+                ", ".join(str(lease.id) for lease in leases),
+            )
+            self.scheduler.recover(leases, "its damops run died while the operation ran")
 
     def crash_looping(self) -> list[str]:
         """Pairs that are waiting out a back-off after crashing again and again."""

@@ -1,21 +1,11 @@
 """The scheduler: the I/O shell around the dispatch core (:mod:`damops.dispatch`).
 
-One Scheduler serves one pool. It keeps a channel open to each worker's
-sidecar (a local process or a pod: it only needs host and port), feeds what
-it hears into the :class:`~damops.dispatch.WorkerTable` and applies what the
-table decides. A dispatch cycle runs on every scheduler heartbeat, on
-LISTEN/NOTIFY when operations are inserted, and as soon as a worker becomes
-free; it is one pipelined transaction (one WAL flush):
-
-1. write the StatusUpdates, progress and give-backs buffered since the last cycle;
-2. claim one operation for each free worker;
-3. after the commit, send each claimed operation to its worker.
-
-When the database connection fails in a cycle, the COMMIT may or may not have
-reached the server; the next cycle first looks at the rows (claimed for the
-workers that were free) and sends or releases each, so no claimed operation
-waits for housekeeping. A statement the server refuses (a StatusUpdate that
-cannot be stored) is retried row by row, so one bad row never blocks the rest.
+One Scheduler serves one pool. Its parts: the channels to the sidecars
+(:mod:`damops.channels`), the database cycle (:mod:`damops.cycle`: one
+pipelined transaction writes what workers reported and claims for the free
+ones), LISTEN/NOTIFY, and the dispatch loop that runs a cycle on every
+scheduler heartbeat, on NOTIFY and as soon as a worker becomes free. What
+each event means is decided by the :class:`~damops.dispatch.WorkerTable`.
 """
 
 from __future__ import annotations
@@ -27,7 +17,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psycopg
-
 from damops import protocol, store
 from damops.channels import SidecarChannels
 from damops.config import Settings
@@ -137,22 +126,11 @@ class Scheduler:
     def snapshot(self) -> Snapshot:
         return self.table.snapshot(time.monotonic())
 
-    async def recover_abandoned(self, worker_prefix: str, abandoned: Callable[[str], bool], reason: str) -> int:
-        """At start-up: operations left PROCESSING by workers whose processes are gone
-        (``abandoned(worker)``) are recovered now, not after MAX_OPERATION_PROCESSING_TIME."""
-        async with await psycopg.AsyncConnection.connect(self.database_url, autocommit=True) as conn:
-            cur = await conn.execute(store.HELD_BY_SQL, {"pool": self.pool, "prefix": worker_prefix + "%"})
-            rows = [row for row in await cur.fetchall() if abandoned(row[2])]
-        for op_id, attempt, worker in rows:
-            self._writes.completions.append(Completion(failure(Lease(op_id, attempt, worker), reason), worker))
-        if rows:
-            log.warning(
-                "recovering %d operation(s) left PROCESSING by a run that died: %s",
-                len(rows),
-                ", ".join(str(row[0]) for row in rows),
-            )
-            self._wake.set()
-        return len(rows)
+    def recover(self, leases: list[Lease], reason: str) -> None:
+        """End operations no worker of ours holds (their processes are gone) as
+        retryable failures, at once rather than after MAX_OPERATION_PROCESSING_TIME."""
+        self._writes.completions += [Completion(failure(lease, reason), lease.worker) for lease in leases]
+        self._wake.set()
 
     # --- what the sidecars say (SidecarChannels calls these) -------------------
 
