@@ -3,7 +3,15 @@ every state made the way the engine makes them (claim, StatusUpdate, cancel)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import psycopg
@@ -412,3 +420,72 @@ def test_a_forged_session_cookie_is_not_a_login(acting, seeded):
     acting.cookies.set("damops_session", "9999999999.abcd.0123")
     page = acting.get("/operations").text
     assert 'name="csrf"' not in page and "log in to act" in page
+
+
+# --- the commands: damops ui, damops run --ui ---------------------------------------------------
+
+
+def _damops(database_url: str, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, DATABASE_URL=database_url, WORKER_COUNT="1")
+    env.pop("DAMOPS_UI_TOKEN", None)
+    env.pop("DAMOPS_PERIODIC", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "damops", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _get_until(url: str, ok, timeout: float = 60.0) -> dict:
+    """GET ``url`` until ``ok(json)``; the last answer on timeout is in the failure."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                last = json.loads(response.read())
+            if ok(last):
+                return last
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered as expected; last: {last}")
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_damops_ui_serves_and_refuses_a_bad_address(database_url, seeded):
+    port = _port()
+    proc = _damops(database_url, "ui", "--port", str(port))
+    try:
+        assert _get_until(f"http://127.0.0.1:{port}/healthz", lambda d: d == {"ok": True})
+        data = _get_until(f"http://127.0.0.1:{port}/api/stats", lambda d: bool(d["pools"]))
+        assert {p["pool"] for p in data["pools"]} == {"default", "images"}
+        taken = _damops(database_url, "ui", "--port", str(port))
+        out, _ = taken.communicate(timeout=60)
+        assert taken.returncode == 2 and "cannot listen on 127.0.0.1" in out and "Traceback" not in out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out and "read-only" in out
+
+
+def test_damops_ui_without_the_schema_says_so(server_url):
+    proc = _damops(server_url, "ui", "--port", str(_port()))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "damops db migrate" in out and "Traceback" not in out
+
+
+def test_damops_run_ui_shows_the_schedulers_own_workers(database_url):
+    port = _port()
+    proc = _damops(database_url, "run", "--ui", f"127.0.0.1:{port}")
+    try:
+        data = _get_until(f"http://127.0.0.1:{port}/api/workers", lambda d: d.get("free") == 1)
+        assert data["source"] == "scheduler" and data["pool"] == "default" and len(data["workers"]) == 1
+        assert data["workers"][0]["last_touched_seconds_ago"] >= 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"dashboard at http://127.0.0.1:{port}/" in out
