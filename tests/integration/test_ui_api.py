@@ -149,7 +149,7 @@ def test_overview_page_shows_the_counts(client, conn, seeded):
     for status, count in count_by_status(conn, "default").items():
         cell = re.search(rf'data-pool="default">.*?data-status="{status}"><a [^>]*>(\d+)<', html, re.S)
         assert cell and int(cell.group(1)) == count, status
-    assert 'hx-trigger="every 3s"' in html  # refreshes itself
+    assert 'hx-trigger="every 5s"' in html  # refreshes itself
     assert client.get("/partials/overview").status_code == 200
 
 

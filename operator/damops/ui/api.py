@@ -54,16 +54,16 @@ async def one_operation(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    pools = await _dash(request).db(queries.overview, _pool(request))
+    pools = await _dash(request).cached(queries.overview, _pool(request))
     return Json({"pools": [p.as_dict() for p in pools]})
 
 
 async def throughput(request: Request) -> Response:
-    return Json(await _dash(request).db(queries.throughput, _pool(request)))
+    return Json(await _dash(request).cached(queries.throughput, _pool(request)))
 
 
 async def failed(request: Request) -> Response:
-    return Json({"groups": await _dash(request).db(queries.failed_groups, _pool(request))})
+    return Json({"groups": await _dash(request).cached(queries.failed_groups, _pool(request))})
 
 
 async def worker_states(request: Request) -> Response:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -96,6 +97,10 @@ class Dashboard:
     # In local mode (`damops run --ui`), the running scheduler's view of its workers.
     snapshot: Callable[[], Snapshot] | None = None
     local_pool: str | None = None
+    # The overview's aggregates scan the table: every tab polling within this
+    # many seconds shares one computation instead of each running its own.
+    cache_seconds: float = 4.0
+    _cache: dict[tuple[Any, ...], tuple[float, Any]] = field(default_factory=dict)
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` with a pooled connection, in a thread (psycopg blocks)."""
@@ -105,6 +110,18 @@ class Dashboard:
                 return fn(conn, *args)
 
         return await run_in_threadpool(call)
+
+    async def cached(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`db`, reusing an answer younger than ``cache_seconds``."""
+        key = (fn.__qualname__, *args)
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < self.cache_seconds:
+            return hit[1]
+        value = await self.db(fn, *args)
+        if len(self._cache) > 256:  # one entry per pool asked for: keep it bounded
+            self._cache.clear()
+        self._cache[key] = (time.monotonic(), value)
+        return value
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         sid = self.auth.session(request)
@@ -167,11 +184,20 @@ async def healthz(request: Request) -> Response:
     return Json({"ok": await dash.db(ping)})
 
 
+def when(value: datetime | str | None) -> str:
+    """A time for people, in UTC, to the second."""
+    if not value:
+        return ""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
     env.filters["ago"] = ago
     env.filters["since"] = since
     env.filters["pretty"] = pretty_json
+    env.filters["when"] = when
     env.globals["now"] = lambda: datetime.now(UTC)
     return env
 
@@ -183,6 +209,7 @@ def create_app(
     schedules: list[Schedule] | None = None,
     snapshot: Callable[[], Snapshot] | None = None,
     local_pool: str | None = None,
+    cache_seconds: float = 4.0,
 ) -> Starlette:
     from damops.ui import api, pages
 
@@ -195,10 +222,11 @@ def create_app(
         kwargs={
             "autocommit": True,
             "application_name": "damops-ui",
-            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            # UTC: the pages show times as UTC, whatever the server's own zone.
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c TimeZone=UTC",
         },
     )
-    dashboard = Dashboard(pool, Auth(token), templates(), schedules or [], snapshot, local_pool)
+    dashboard = Dashboard(pool, Auth(token), templates(), schedules or [], snapshot, local_pool, cache_seconds)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

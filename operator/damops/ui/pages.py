@@ -62,7 +62,7 @@ async def overview_partial(request: Request) -> Response:
 
 
 async def _overview(dash: Dashboard, request: Request) -> dict[str, Any]:
-    return {"pools": await dash.db(queries.overview, _pool(request)), "workers": await workers(dash)}
+    return {"pools": await dash.cached(queries.overview, _pool(request)), "workers": await workers(dash)}
 
 
 # --- the list -----------------------------------------------------------------
@@ -127,7 +127,7 @@ async def operation_partial(request: Request) -> Response:
 
 async def failed(request: Request) -> Response:
     dash = _dash(request)
-    groups = await dash.db(queries.failed_groups, _pool(request))
+    groups = await dash.cached(queries.failed_groups, _pool(request))
     links = [
         "/operations?"
         + urlencode(

@@ -24,5 +24,5 @@ async def workers(dash: Dashboard) -> dict[str, Any]:
             "draining": snap.draining,
             "workers": [w.__dict__ for w in snap.workers],
         }
-    seen = await dash.db(queries.workers_from_database)
+    seen = await dash.cached(queries.workers_from_database)
     return {"source": "database", **seen}
