@@ -55,7 +55,7 @@ FROM generate_series(1, %(rows)s) AS i,
 
 PAGES = [
     ("overview", "/"),
-    ("overview partial (the 3 s refresh)", "/partials/overview"),
+    ("overview partial (the 5 s refresh)", "/partials/overview"),
     ("list, no filter", "/operations"),
     ("list, status=FAILED pool=images", "/operations?status=FAILED&pool=images"),
     ("list, FAILED + error text 'disk'", "/operations?status=FAILED&error=disk"),
@@ -104,7 +104,7 @@ def main() -> None:
 
 
 def run_pages(url: str, total: int, repeat: int) -> None:
-    app = create_app(url)
+    app = create_app(url, cache_seconds=0)  # every request computes: the cost of a cache miss
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
