@@ -250,3 +250,31 @@ def test_retry_a_failed_operation_and_see_it_succeed(site, conn, database_url, t
     assert "ConnectionError: storage was down" in text  # the failed attempt stays in the history
     assert re.search(r"#1 success", text)
     screenshot(site, "operation-retried", tmp_path)
+
+
+def test_beside_a_running_scheduler_the_workers_are_its_own(browser, database_url, conn, tmp_path):
+    """As `damops run --ui` serves it: on the engine's own event loop, the browser's calls in a thread."""
+    from damops.ui.server import start_beside, stop_beside
+
+    history(conn)
+    port = _free_port()
+    site = Site(f"http://127.0.0.1:{port}", browser)
+
+    def look() -> None:
+        site.open("/")
+        site.wait(EC.text_to_be_present_in_element((By.ID, "w-free"), "free 2"), "two free workers")
+        site.wait(lambda d: d.find_element(By.ID, "throughput").get_attribute("data-ready") == "1", "the chart")
+        assert "From the running scheduler of pool default" in site.text("#overview")
+        assert len(site.driver.find_elements(By.CSS_SELECTOR, "#overview table")) == 2
+        screenshot(site, "overview-local", tmp_path)
+
+    async def body() -> None:
+        async with running_engine(database_url, settings(worker_count=2)) as engine:
+            app = create_app(database_url, snapshot=engine.scheduler.snapshot, local_pool=engine.scheduler.pool)
+            server, task = await start_beside(app, "127.0.0.1", port)
+            try:
+                await asyncio.to_thread(look)
+            finally:
+                await stop_beside(server, task)
+
+    asyncio.run(body())
