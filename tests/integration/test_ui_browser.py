@@ -61,6 +61,7 @@ def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP refusals included
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(TIMEOUT)
     try:
@@ -165,6 +166,8 @@ def test_overview_numbers_match_the_database_and_refresh_by_themselves(site, con
     site.wait(lambda d: d.find_element(By.ID, "throughput").get_attribute("data-ready") == "1", "the chart")
     expected = {pool: count_by_status(conn, pool) for pool in ("default", "images")}
     assert overview_cells(site) == expected
+    errors = [e["message"] for e in site.driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], "the page runs without console errors (a script the CSP refused would be one)"
     screenshot(site, "overview", tmp_path)
 
     # A marker on the page's window survives a partial refresh, not a reload.

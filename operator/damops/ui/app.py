@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -184,6 +184,11 @@ async def healthz(request: Request) -> Response:
     return Json({"ok": await dash.db(ping)})
 
 
+async def favicon(request: Request) -> Response:
+    # Browsers ask for it on every page, JSON ones included: answer rather than 404.
+    return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
+
+
 def when(value: datetime | str | None) -> str:
     """A time for people, in UTC, to the second."""
     if not value:
@@ -240,6 +245,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
+            Route("/favicon.ico", favicon),
             *api.routes,
             *pages.routes,
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
