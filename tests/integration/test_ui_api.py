@@ -489,3 +489,19 @@ def test_damops_run_ui_shows_the_schedulers_own_workers(database_url):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert f"dashboard at http://127.0.0.1:{port}/" in out
+
+
+def test_vendored_assets_are_the_pinned_ones():
+    """static/VERSIONS names each vendored file with its npm package, version and sha256."""
+    import hashlib
+    from pathlib import Path
+
+    import damops.ui
+
+    static = Path(damops.ui.__file__).parent / "static"
+    pinned = re.findall(
+        r"^(\S+)\s+(\S+@\d+\.\d+\.\d+)\s+\(\S+\)\s+sha256 ([0-9a-f]{64})$", (static / "VERSIONS").read_text(), re.M
+    )
+    assert {name for name, _, _ in pinned} == {"htmx.min.js", "uPlot.iife.min.js", "uPlot.min.css"}
+    for name, _, digest in pinned:
+        assert hashlib.sha256((static / name).read_bytes()).hexdigest() == digest, name
