@@ -416,6 +416,23 @@ def test_page_actions_need_login_csrf_and_our_origin(acting, conn, seeded):
     assert acting.post(url, data={"csrf": csrf}, headers={"Origin": ORIGIN}).status_code == 403
 
 
+def test_purge_from_the_page(acting, conn, seeded):
+    csrf = _login(acting)
+    headers = {"Origin": ORIGIN}
+    bad = acting.post("/actions/purge", data={"csrf": csrf, "status": "NEW", "older_than": "1d"}, headers=headers)
+    assert bad.status_code == 400 and "purge needs one status" in bad.text
+    assert (
+        acting.post("/actions/purge", data={"status": "SUCCESS", "older_than": "1d"}, headers=headers).status_code
+        == 403
+    )
+    conn.execute("UPDATE damops.operations SET finished = now() - interval '2 days' WHERE status = 'CANCELLED'")
+    done = acting.post(
+        "/actions/purge", data={"csrf": csrf, "status": "CANCELLED", "older_than": "1d"}, headers=headers
+    )
+    assert done.status_code == 200 and "deleted 1 CANCELLED operation(s)" in done.text
+    assert get(conn, seeded.ids["CANCELLED"][0]) is None
+
+
 def test_a_forged_session_cookie_is_not_a_login(acting, seeded):
     acting.cookies.set("damops_session", "9999999999.abcd.0123")
     page = acting.get("/operations").text
