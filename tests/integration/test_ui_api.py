@@ -301,6 +301,18 @@ def test_bad_input_is_a_clear_4xx(client, path, status, words):
     assert "Traceback" not in response.text and "<script>" not in response.text
 
 
+def test_a_query_that_takes_too_long_is_a_503_saying_so(database_url, seeded):
+    # Another session holds the table: the list's query waits, and its statement timeout ends it.
+    with psycopg.connect(database_url) as holder, client_for(database_url, statement_timeout_ms=300) as c:
+        holder.execute("LOCK TABLE damops.operations IN ACCESS EXCLUSIVE MODE")
+        response = c.get("/api/operations", params={"error": "disk"})
+        assert response.status_code == 503 and "narrow the filter" in response.json()["error"]
+        page = c.get("/operations")
+        assert page.status_code == 503 and "narrow the filter" in page.text and "Traceback" not in page.text
+        holder.rollback()
+        assert c.get("/api/operations").status_code == 200
+
+
 def test_the_biggest_page_number_is_just_empty(client, seeded):
     response = client.get("/api/operations", params={"before": "1"})
     assert response.status_code == 200 and response.json() == {"operations": [], "older": None, "filter": {}}

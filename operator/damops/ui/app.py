@@ -215,6 +215,7 @@ def create_app(
     snapshot: Callable[[], Snapshot] | None = None,
     local_pool: str | None = None,
     cache_seconds: float = 4.0,
+    statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
 ) -> Starlette:
     from damops.ui import api, pages
 
@@ -228,7 +229,7 @@ def create_app(
             "autocommit": True,
             "application_name": "damops-ui",
             # UTC: the pages show times as UTC, whatever the server's own zone.
-            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c TimeZone=UTC",
+            "options": f"-c statement_timeout={int(statement_timeout_ms)} -c TimeZone=UTC",
         },
     )
     dashboard = Dashboard(pool, Auth(token), templates(), schedules or [], snapshot, local_pool, cache_seconds)
