@@ -237,8 +237,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         problem = check_address(*ui)
         if problem:
             raise UserError(f"--ui: {problem}")
-    extra = {"ui": ui} if ui else {}
-    run(load_settings(**overrides), demo=args.demo, demo_count=args.demo_count, exit_when_done=args.demo, **extra)
+    run(load_settings(**overrides), demo=args.demo, demo_count=args.demo_count, exit_when_done=args.demo, ui=ui)
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
