@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 ## run: start an embedded PostgreSQL, pre-heat workers, process a demo batch with live progress
 run: $(BIN)/.installed
-	$(BIN)/damops run --demo
+	$(BIN)/damops run --demo --ui
 
 # Lint, format check and type check, then pytest. Every step runs (one run
 # reports every problem); the target fails if any step failed, naming them.

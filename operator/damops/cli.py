@@ -233,7 +233,36 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.demo and "RETRY_BACKOFF_BASE" not in os.environ:
         # The demo's flaky operations should retry within its minute, not after 30 s each.
         overrides["retry_backoff_base"] = 1.0
-    run(load_settings(**overrides), demo=args.demo, demo_count=args.demo_count, exit_when_done=args.demo)
+    ui = None
+    if args.ui is not None:
+        from damops.ui.server import check_address, parse_address
+
+        try:
+            ui = parse_address(args.ui)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        problem = check_address(*ui)
+        if problem:
+            raise UserError(f"--ui: {problem}")
+    run(load_settings(**overrides), demo=args.demo, demo_count=args.demo_count, exit_when_done=args.demo, ui=ui)
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from damops.periodic import parse_schedules
+    from damops.ui.app import create_app
+    from damops.ui.server import check_address, serve
+
+    settings = load_settings()
+    connect("ui", migrate=False).close()  # a missing database or schema: one line now, not a 503 later
+    problem = check_address(args.host, args.port)
+    if problem:
+        raise UserError(problem)
+    url = database_url(settings, create=False)
+    token = os.environ.get("DAMOPS_UI_TOKEN") or None
+    app = create_app(url, token=token, schedules=parse_schedules(settings.periodic))
+    mode = "actions need DAMOPS_UI_TOKEN (log in)" if token else "read-only (set DAMOPS_UI_TOKEN to allow actions)"
+    print(f"damops ui: http://{args.host}:{args.port}/ on {redacted(url)}; {mode}", file=sys.stderr, flush=True)
+    serve(app, args.host, args.port)
 
 
 def cmd_enqueue(args: argparse.Namespace) -> None:
@@ -527,7 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="serve Prometheus /metrics on this port (default DAMOPS_RUN_METRICS_PORT, 0 = off)",
     )
+    run.add_argument(
+        "--ui", nargs="?", const="127.0.0.1:8765", metavar="HOST:PORT", help="serve the dashboard too (127.0.0.1:8765)"
+    )
     run.set_defaults(func=cmd_run)
+
+    ui = sub.add_parser("ui", help="serve the web dashboard (read-only unless DAMOPS_UI_TOKEN is set)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=8765)
+    ui.set_defaults(func=cmd_ui)
 
     enqueue = sub.add_parser("enqueue", help="create one operation; prints its id")
     enqueue.add_argument("trigger_function")

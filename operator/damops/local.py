@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
+
 from damops import store
 from damops.dispatch import Lease
 from damops.lifeline import PARENT_ENV

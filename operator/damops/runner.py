@@ -193,7 +193,12 @@ async def _until_stopped(signals: Signals, work: asyncio.Future[Any]) -> bool:
 
 
 async def run_async(
-    settings: Settings, *, demo: bool = False, demo_count: int = 200, exit_when_done: bool = False
+    settings: Settings,
+    *,
+    demo: bool = False,
+    demo_count: int = 200,
+    exit_when_done: bool = False,
+    ui: tuple[str, int] | None = None,
 ) -> None:
     signals = Signals(settings.shutdown_grace)
     signals.install(asyncio.get_running_loop())  # first: every phase below can be interrupted
@@ -230,7 +235,13 @@ async def run_async(
     housekeeping = asyncio.create_task(housekeeper.run())
     progress: asyncio.Task[None] | None = None
     batch_ids: list[int] = []
+    dashboard = None
     try:
+        if ui:  # the dashboard beside the main job, on this loop: it reads the scheduler's own worker states
+            from damops.ui.server import start_local
+
+            dashboard = await start_local(settings, url, scheduler, *ui)
+            say(f"damops run: dashboard at http://{ui[0]}:{ui[1]}/")
         while (
             scheduler.snapshot().pending and time.monotonic() - started < PREHEAT_TIMEOUT and not signals.stop.is_set()
         ):
@@ -255,6 +266,10 @@ async def run_async(
                 watcher.cancel()
     finally:
         await _shut_down(scheduler, supervisor, housekeeper, housekeeping, signals)
+        if dashboard is not None:
+            from damops.ui.server import stop_beside
+
+            await stop_beside(*dashboard)
         if progress is not None:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psycopg
+
 from damops import protocol, store
 from damops.channels import SidecarChannels
 from damops.config import Settings
