@@ -780,3 +780,58 @@ def test_core_install_runs_without_kopf_and_kubernetes(tmp_path: Path) -> None:
         [str(env_dir / "bin" / "damops"), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert help_.returncode == 0 and "enqueue" in help_.stdout, help_.stderr
+
+
+# --------------------------------------------------------------------------- lifecycle keys, dashboard
+
+
+def _operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    deployment = one(docs, "Deployment", "t-damops-operator")
+    return {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_lifecycle_settings_reach_the_operator_next_to_the_seeds_keys() -> None:
+    env = _operator_env(
+        render(
+            "--set",
+            "configuration.digitalAssetManagement.retryBackoffBase=2m",
+            "--set",
+            "configuration.digitalAssetManagement.successOperationThresholdLimitRecords=5",
+            "--set-json",
+            'configuration.digitalAssetManagement.periodic=[{"name":"nightly","cron":"0 3 * * *",'
+            '"trigger_function":"noop"}]',
+        )
+    )
+    assert env["RETRY_BACKOFF_BASE"] == "2m" and env["RETRY_BACKOFF_MAX"] == "30m"
+    assert env["SUCCESS_OPERATION_THRESHOLD_LIMIT_RECORDS"] == "5" and env["CANCEL_GRACE"] == "10s"
+    assert env["CANCELLED_OPERATION_THRESHOLD_TIME_HOURS"] == "24"
+    assert json.loads(env["DAMOPS_PERIODIC"]) == [{"name": "nightly", "cron": "0 3 * * *", "trigger_function": "noop"}]
+    assert "DAMOPS_PERIODIC" not in _operator_env(render())
+    bad = helm("template", "t", str(CHART), *DB, "--set", "configuration.digitalAssetManagement.retryBackoffJitter=2")
+    assert bad.returncode != 0 and "retryBackoffJitter" in bad.stderr
+
+
+def test_the_dashboard_is_off_by_default_and_on_serves_damops_ui_behind_a_service() -> None:
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-dashboard")]
+    docs = render(
+        "--set",
+        "dashboard.enabled=true",
+        "--set",
+        "dashboard.tokenSecret.name=ui-token",
+        "--set",
+        "dashboard.ingress.enabled=true",
+        "--set",
+        "dashboard.ingress.host=ops.example",
+    )
+    container = one(docs, "Deployment", "t-damops-dashboard")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["damops", "ui"] and "0.0.0.0" in container["command"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DAMOPS_UI_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ui-token", "key": "token"}
+    assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"]
+    service = one(docs, "Service", "t-damops-dashboard")
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["port"] == 8765
+    ingress = one(docs, "Ingress", "t-damops-dashboard")
+    assert ingress["spec"]["rules"][0]["host"] == "ops.example"
+    read_only = render("--set", "dashboard.enabled=true")
+    ro_env = one(read_only, "Deployment", "t-damops-dashboard")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "DAMOPS_UI_TOKEN" not in {e["name"] for e in ro_env}
