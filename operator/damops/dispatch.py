@@ -321,12 +321,11 @@ class WorkerTable:
         for worker in list(self.workers.values()):
             if worker.lease is not None and now - worker.last_touched > limit:
                 self.stats.expired_workers += 1
-                effects += self._recover(
-                    worker, f"worker {worker.name} expired: active for longer than MAX_WORKER_ACTIVE_TIME ({limit:g}s)"
+                effects += self._restart(
+                    worker,
+                    f"worker {worker.name} expired: active for longer than MAX_WORKER_ACTIVE_TIME ({limit:g}s)",
+                    now,
                 )
-                worker.state = WorkerState.PENDING
-                worker.last_touched = now
-                effects.restart.append(worker.name)
         return effects
 
     def cancel_requested(self, requested: list[tuple[int, int, str]], now: float, grace: float) -> Effects:
@@ -345,12 +344,9 @@ class WorkerTable:
                 self._cancel_sent[(lease.id, lease.attempt)] = now
                 effects.cancels.append(lease)
             elif now - sent > grace:
-                effects += self._recover(
-                    worker, f"cancelled: the trigger function did not stop within CANCEL_GRACE ({grace:g}s)"
+                effects += self._restart(
+                    worker, f"cancelled: the trigger function did not stop within CANCEL_GRACE ({grace:g}s)", now
                 )
-                worker.state = WorkerState.PENDING
-                worker.last_touched = now
-                effects.restart.append(worker.name)
         return effects
 
     def cancels_pending(self) -> bool:
@@ -372,6 +368,14 @@ class WorkerTable:
         return effects
 
     # --- internals ----------------------------------------------------------
+
+    def _restart(self, worker: Worker, reason: str, now: float) -> Effects:
+        """Its lease recovered, its process or pod killed and replaced."""
+        effects = self._recover(worker, reason)
+        worker.state = WorkerState.PENDING
+        worker.last_touched = now
+        effects.restart.append(worker.name)
+        return effects
 
     def _recover(self, worker: Worker, reason: str) -> Effects:
         lease, worker.lease = worker.lease, None
