@@ -165,12 +165,11 @@ class DispatchCycle:
             )
             if single.completions:
                 bad = single.completions[0].update
-                replacement = StatusUpdate(
-                    id=bad.id,
-                    attempt=bad.attempt,
-                    outcome="failure",
+                replacement = StatusUpdate.failure(
+                    bad.id,
+                    bad.attempt,
+                    f"the worker's StatusUpdate could not be stored: {first_line(refused)}",
                     retryable=False,
-                    error=f"the worker's StatusUpdate could not be stored: {first_line(refused)}",
                 )
                 try:
                     await self._write(

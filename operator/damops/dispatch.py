@@ -47,8 +47,8 @@ class Lease:
 
 
 def failure(lease: Lease, error: str, *, retryable: bool = True) -> StatusUpdate:
-    """The one constructor of a failure StatusUpdate for a lease."""
-    return StatusUpdate(id=lease.id, attempt=lease.attempt, outcome="failure", error=error, retryable=retryable)
+    """A failure StatusUpdate for a lease (recovered, undeliverable, cancelled too late)."""
+    return StatusUpdate.failure(lease.id, lease.attempt, error, retryable=retryable)
 
 
 @dataclass(frozen=True)

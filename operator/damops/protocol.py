@@ -106,6 +106,11 @@ class StatusUpdate(_Message):
     # function (worker busy or not ready): it goes back without using an attempt.
     executed: bool = True
 
+    @classmethod
+    def failure(cls, id: int, attempt: int, error: str, *, retryable: bool = True, **extra: Any) -> StatusUpdate:
+        """The one constructor of a failure StatusUpdate (worker, sidecar and scheduler alike)."""
+        return cls(id=id, attempt=attempt, outcome="failure", error=error, retryable=retryable, **extra)
+
 
 class Progress(_Message):
     """Refreshes the worker's lastTouched while a long operation runs."""

@@ -152,12 +152,8 @@ class Sidecar:
             if self.assignment is not None:
                 lost, self.assignment = self.assignment, None
                 self._deliver(
-                    StatusUpdate(
-                        id=lost.id,
-                        attempt=lost.attempt,
-                        outcome="failure",
-                        error=f"worker process lost while running the operation ({reason})",
-                        retryable=True,
+                    StatusUpdate.failure(
+                        lost.id, lost.attempt, f"worker process lost while running the operation ({reason})"
                     )
                 )
 
@@ -220,16 +216,7 @@ class Sidecar:
     def _assign(self, op: Operation, frame: bytes) -> None:
         if self.worker is None or self.worker_ready is None or self.assignment is not None or self.terminating:
             state = "busy" if self.assignment else "stopping" if self.terminating else "not ready"
-            self._deliver(
-                StatusUpdate(
-                    id=op.id,
-                    attempt=op.attempt,
-                    outcome="failure",
-                    error=f"worker {self.name} is {state}",
-                    retryable=True,
-                    executed=False,
-                )
-            )
+            self._deliver(StatusUpdate.failure(op.id, op.attempt, f"worker {self.name} is {state}", executed=False))
             return
         self.assignment = op
         self.worker.send_frame_nowait(frame)

@@ -219,9 +219,7 @@ class WorkerRuntime:
         that can be sent and stored, whatever the trigger function did."""
 
         def failure(error: str, retryable: bool, **extra: Any) -> StatusUpdate:
-            return StatusUpdate(
-                id=op.id, attempt=op.attempt, outcome="failure", error=clean_text(error), retryable=retryable, **extra
-            )
+            return StatusUpdate.failure(op.id, op.attempt, clean_text(error), retryable=retryable, **extra)
 
         try:
             target = self._resolve(op.trigger_function)
@@ -265,11 +263,7 @@ class WorkerRuntime:
                 if isinstance(exc, protocol.ProtocolError)
                 else (f"the result could not be encoded: {describe(exc)}")
             )
-            return protocol.encode(
-                StatusUpdate(
-                    id=update.id, attempt=update.attempt, outcome="failure", error=clean_text(reason), retryable=False
-                )
-            )
+            return protocol.encode(StatusUpdate.failure(update.id, update.attempt, clean_text(reason), retryable=False))
 
 
 # Errors and tracebacks are stored with the operation: bounded, and cleaned of
