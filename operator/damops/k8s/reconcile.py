@@ -60,6 +60,7 @@ class PodInfo:
     draining: bool = False  # annotated damops.dev/draining
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
     worker_state: WorkerState | None = None  # from the scheduler; None = not known to it
+    deletion_cost: str | None = None  # annotation controller.kubernetes.io/pod-deletion-cost
 
 
 @dataclass(frozen=True)
