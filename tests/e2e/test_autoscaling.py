@@ -113,6 +113,9 @@ def autoscaled_events(name: str) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def operator_release() -> Any:
     migrate(DB_URL)
+    # helm installs a chart's CRDs only when they are missing: bring an older one up to this schema
+    crd = base.ROOT / "crds" / "workerpools.damops.dev.yaml"
+    subprocess.run(["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(crd)], check=True, timeout=60)
     subprocess.run(["kubectl", "create", "namespace", NS], check=True, capture_output=True, timeout=30)
     repo, tag = base.OPERATOR_IMAGE.rsplit(":", 1)
     wrepo, wtag = base.WORKER_IMAGE.rsplit(":", 1)
