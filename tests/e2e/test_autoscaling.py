@@ -280,3 +280,41 @@ def test_min_zero_has_no_pods_while_the_queue_is_empty_and_one_operation_wakes_i
     wait_for("back to no pods", lambda: status(name).get("desiredReplicas") == 0 and live_pods(name) == [], WINDOW + 60)
     assert len(claim_log([op])[op]) == 1
     kubectl("delete", "workerpool", name, "--wait=false", check=False)
+
+
+def test_a_worker_pod_deleted_while_active_finishes_its_operation_and_an_idle_one_exits_at_once(
+    claim_log: Any,
+) -> None:
+    """kubectl delete pod (SIGTERM, 10 s grace): the busy worker takes no new work, finishes its
+    operation and hands the result over; nothing is retried and no attempt is counted."""
+    name = f"auto-term-{RUN}"
+    apply_pool(name, {"minReplicas": 1, "maxReplicas": 1})
+    wait_for("1 ready worker", lambda: status(name).get("readyReplicas") == 1 and len(live_pods(name)) == 1, 180)
+    [op] = enqueue(name, "sleep", 1, {"seconds": 4})
+
+    def holder() -> str | None:
+        [r] = rows([op])
+        return r["worker"] if r["status"] == "PROCESSING" else None
+
+    victim = wait_for("the operation to start", holder, 60, interval=0.25)
+    kubectl("delete", "pod", victim, "--wait=false")
+    wait_for("the operation to end", lambda: finished([op]), 60)
+    [row] = rows([op])
+    assert row["status"] == "SUCCESS" and row["attempts"] == 1, row
+    assert claim_log([op]) == {op: [victim]}
+
+    # the replacement is idle: deleted, it exits at once instead of taking its whole grace
+    spare = wait_for(
+        "a ready replacement",
+        lambda: (
+            status(name).get("readyReplicas") == 1
+            and [p["metadata"]["name"] for p in live_pods(name) if p["metadata"]["name"] != victim]
+        ),
+        120,
+    )[0]
+    began = time.monotonic()
+    kubectl("delete", "pod", spare, "--timeout=30s", timeout=40)
+    gone = time.monotonic() - began
+    print(f"\n[e2e autoscaling] an idle worker pod deleted in {gone:.1f}s (grace 10 s)", file=sys.stderr)
+    assert gone < 8, gone
+    kubectl("delete", "workerpool", name, "--wait=false", check=False)
