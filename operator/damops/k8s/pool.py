@@ -418,3 +418,8 @@ class PoolRuntime:
                 gauge.remove(self.namespace, self.name)
             except KeyError:
                 pass
+        for direction in ("up", "down"):
+            try:
+                metrics.AUTOSCALED.remove(self.namespace, self.name, direction)
+            except KeyError:
+                pass
