@@ -71,9 +71,6 @@ class History:
         restart never causes a scale-down before one whole window has been observed."""
         return History(recommendations=((now, current),))
 
-    def since_last_change(self, now: float) -> float | None:
-        return now - self.changes[-1].at if self.changes else None
-
 
 @dataclass(frozen=True)
 class Decision:
