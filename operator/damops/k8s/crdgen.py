@@ -170,7 +170,9 @@ def crd() -> dict[str, Any]:
                     },
                     "additionalPrinterColumns": [
                         {"name": "Pool", "type": "string", "jsonPath": ".status.pool", "priority": 1},
-                        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+                        # the autoscaler's decision when spec.autoscaling is set, else spec.replicas
+                        {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+                        {"name": "Max", "type": "integer", "jsonPath": ".spec.autoscaling.maxReplicas", "priority": 1},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "Pending", "type": "integer", "jsonPath": ".status.pendingWorkers", "priority": 1},
                         {"name": "Free", "type": "integer", "jsonPath": ".status.freeWorkers"},

@@ -27,6 +27,11 @@ def expired(worker: str) -> PoolEvent:
     )
 
 
+def autoscaled(message: str) -> PoolEvent:
+    """One per change of the desired replicas by the autoscaler."""
+    return PoolEvent("Normal", "Autoscaled", message)
+
+
 def summary(done: list[Action], desired: int) -> list[PoolEvent]:
     """One Event per kind of action carried out (``done``: the actions that succeeded)."""
     created = [a for a in done if a.kind is ActionKind.CREATE]

@@ -13,6 +13,14 @@ log = logging.getLogger("damops.operator")
 _LABELS = ("namespace", "workerpool")
 
 WORKERS = Gauge("damops_workers", "Workers of a WorkerPool by state", _LABELS + ("state",))
+DESIRED = Gauge("damops_desired_replicas", "Workers wanted: spec.replicas or the autoscaler's decision", _LABELS)
+REPLICAS = Gauge("damops_replicas", "Worker pods that exist and are not terminating", _LABELS)
+RECOMMENDED = Gauge(
+    "damops_autoscaler_recommended_replicas", "Workers the autoscaler wants for the load, before its windows", _LABELS
+)
+AUTOSCALED = Counter(
+    "damops_autoscaler_decisions", "Changes of the desired replicas by the autoscaler", _LABELS + ("direction",)
+)
 QUEUED = Gauge("damops_queued_operations", "Claimable (NEW or WAIT) operations of the pool", _LABELS + ("pool",))
 CLAIMED = Counter("damops_operations_claimed", "Operations claimed for workers", _LABELS)
 SUCCEEDED = Counter("damops_operations_succeeded", "Operations that reached SUCCESS", _LABELS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 # --------------------------------------------------------------------------- helpers
@@ -130,6 +130,85 @@ class RollingUpdate(_Model):
     )
 
 
+class ScalingPolicy(_Model):
+    """At most value pods (or percent of the replicas at the start of the period) per periodSeconds."""
+
+    type: Literal["Pods", "Percent"] = Field(description="Pods: a number of pods; Percent: of the replicas.")
+    value: int = Field(ge=1, le=1000, description="How many pods (or percent) may be added or removed per period.")
+    period_seconds: int = Field(ge=1, le=1800, description="The period the limit applies to.")
+
+
+class ScalingRules(_Model):
+    """One direction of the autoscaling behavior, as in the HorizontalPodAutoscaler."""
+
+    stabilization_window_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description=(
+            "Recommendations of this long are considered: scale up to the lowest, down to the highest of them "
+            "(default: up 0, down 300)."
+        ),
+    )
+    select_policy: Literal["Max", "Min", "Disabled"] = Field(
+        default="Max", description="Max: the policy allowing the biggest change; Min: the smallest; Disabled: none."
+    )
+    policies: list[ScalingPolicy] | None = Field(
+        default=None,
+        max_length=10,
+        description="Step limits (default: up 4 pods or 100% per 15 s, whichever is more; down 100% per 15 s).",
+    )
+
+
+class AutoscalingBehavior(_Model):
+    """How fast the autoscaler may move, as the behavior of a HorizontalPodAutoscaler."""
+
+    scale_up: ScalingRules = Field(default_factory=ScalingRules)
+    scale_down: ScalingRules = Field(default_factory=ScalingRules)
+
+
+class Autoscaling(_Model):
+    """The operator sets the number of workers from the queue depth; spec.replicas is then ignored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                    "message": "minReplicas must not exceed maxReplicas",
+                }
+            ]
+        }
+    )
+
+    min_replicas: int = Field(
+        default=1, ge=0, le=1000, description="Fewest workers; 0: no pods while the queue is empty."
+    )
+    max_replicas: int = Field(ge=1, le=1000, description="Most workers.")
+    target_queued_per_worker: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description=(
+            "Wanted workers = active + ceil(queued / this) (default 1 when no target is set): "
+            "one more worker per this many waiting operations."
+        ),
+    )
+    target_utilization: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Wanted workers = ceil((active + queued) * 100 / this): percent of the workers kept busy.",
+    )
+    behavior: AutoscalingBehavior = Field(default_factory=AutoscalingBehavior)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
 class WorkerPoolSpec(_Model):
     """Desired state of a pool of pre-heated worker pods."""
 
@@ -185,6 +264,10 @@ class WorkerPoolSpec(_Model):
     )
     timings: Timings = Field(default_factory=Timings, description="Scheduler timings; default: the Helm values.")
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
+    autoscaling: Autoscaling | None = Field(
+        default=None,
+        description="Scale on the queue depth between minReplicas and maxReplicas (spec.replicas is then ignored).",
+    )
 
     def pool_name(self, resource_name: str) -> str:
         return self.pool or resource_name
@@ -206,6 +289,18 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
+class AutoscalingStatus(_Model):
+    """What the autoscaler decided last."""
+
+    recommended_replicas: int = Field(default=0, ge=0, description="Wanted for the current load (within bounds).")
+    last_scale_time: str | None = Field(
+        default=None, description="RFC 3339 time of the last change of the desired replicas."
+    )
+    last_scale_reason: str | None = Field(default=None, description="ScaleUp or ScaleDown: the last change.")
+    last_scale_message: str | None = Field(default=None, description="Why: the load and the limits that applied.")
+    message: str | None = Field(default=None, description="The decision of the latest round.")
+
+
 class WorkerPoolStatus(_Model):
     """Observed state, written by the operator."""
 
@@ -221,4 +316,8 @@ class WorkerPoolStatus(_Model):
     pool: str | None = Field(default=None, description="The operations pool served.")
     selector: str | None = Field(default=None, description="Label selector of the pods (for the scale subresource).")
     template_hash: str | None = Field(default=None, description="Hash of the current pod template.")
+    desired_replicas: int | None = Field(
+        default=None, ge=0, description="Workers wanted now: spec.replicas, or the autoscaler's decision."
+    )
+    autoscaling: AutoscalingStatus | None = Field(default=None, description="The autoscaler's last decision.")
     conditions: list[Condition] = Field(default_factory=list)

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from damops.dispatch import WorkerState
 from damops.k8s.reconcile import PodInfo
-from damops.k8s.specs import ANNOTATION_DRAINING, LABEL_HASH
+from damops.k8s.specs import (
+    ANNOTATION_DELETION_COST,
+    ANNOTATION_DRAINING,
+    COST_BUSY,
+    COST_IDLE,
+    COST_PENDING,
+    LABEL_HASH,
+)
 
 if TYPE_CHECKING:
     from damops.dispatch import WorkerView
@@ -51,6 +58,7 @@ def pod_info(pod: dict[str, Any]) -> PodInfo:
         terminating=bool(meta.get("deletionTimestamp")),
         draining=(meta.get("annotations") or {}).get(ANNOTATION_DRAINING) == "true",
         created=meta.get("creationTimestamp", ""),
+        deletion_cost=(meta.get("annotations") or {}).get(ANNOTATION_DELETION_COST),
     )
 
 
@@ -112,3 +120,34 @@ def scheduler_states(workers: Iterable[WorkerView]) -> dict[str, WorkerState]:
     """Worker states by pod name, from the scheduler's snapshot. A drained worker that is no
     longer active counts as unknown: its pod is due for deletion, not for new work."""
     return {w.name: WorkerState(w.state) for w in workers if not w.draining or w.state == WorkerState.ACTIVE}
+
+
+#: a free worker counts as idle (cheap to delete) only after this long without work, so that
+#: workers of a busy pool, free for a moment between operations, are not re-annotated every round
+IDLE_AFTER = 10.0
+
+
+def deletion_cost(state: WorkerState | None, idle_seconds: float | None, now: str | None) -> str:
+    """``now``: the pod's cost as last patched or seen. A worker that just finished an operation
+    stays busy until IDLE_AFTER (hysteresis); one that just became ready is idle at once."""
+    if state is WorkerState.ACTIVE:
+        return COST_BUSY
+    if state is WorkerState.FREE:
+        if now == COST_BUSY and (idle_seconds is None or idle_seconds < IDLE_AFTER):
+            return COST_BUSY
+        return COST_IDLE
+    return COST_PENDING
+
+
+def cost_patches(pods: list[PodInfo], idle: dict[str, float], sent: dict[str, str]) -> list[tuple[str, str]]:
+    """(pod, cost) for the pods whose pod-deletion-cost must change: only when a worker moves
+    between pending, idle and busy, and not again while the watch has not shown our last patch
+    (``sent``: the cost last patched per pod)."""
+    out = []
+    for p in pods:
+        if p.terminating or p.draining or p.phase in ("Succeeded", "Failed"):
+            continue  # on its way out
+        cost = deletion_cost(p.worker_state, idle.get(p.name), sent.get(p.name, p.deletion_cost))
+        if cost != p.deletion_cost and sent.get(p.name) != cost:
+            out.append((p.name, cost))
+    return out

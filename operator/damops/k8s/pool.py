@@ -22,14 +22,24 @@ import psycopg
 
 from damops.config import Settings
 from damops.db import migrate
+from damops.dispatch import WorkerState
 from damops.k8s import events, metrics
+from damops.k8s.autoscale import History, Load, decide
 from damops.k8s.housekeepers import Housekeepers
 from damops.k8s.kube import Kube
-from damops.k8s.models import WorkerPoolSpec
-from damops.k8s.pods import Expectations, ObservedPod, pod_info, scheduler_states, with_worker_states
+from damops.k8s.models import AutoscalingStatus, WorkerPoolSpec
+from damops.k8s.pods import (
+    Expectations,
+    ObservedPod,
+    cost_patches,
+    pod_info,
+    scheduler_states,
+    with_worker_states,
+)
 from damops.k8s.poolconfig import SchedulerConfig, pool_settings
-from damops.k8s.reconcile import Action, ActionKind, plan, sync_scheduler
+from damops.k8s.reconcile import Action, ActionKind, PodInfo, Reason, plan, sync_scheduler
 from damops.k8s.specs import (
+    ANNOTATION_DELETION_COST,
     ANNOTATION_DRAINING,
     SECRET_KEY,
     SIDECAR_PORT,
@@ -114,6 +124,11 @@ class PoolRuntime:
         self.queued = 0
         self.queued_checked_at = 0.0
         self.stats_seen: dict[str, float] = {}
+        # the autoscaler: its desired replicas (None: not decided yet), windows' history, last decision
+        self.scaled: int | None = None
+        self.scale_history: History | None = None
+        self.scale_status: AutoscalingStatus | None = None
+        self.costs_sent: dict[str, str] = {}  # pod-deletion-cost last patched, per pod
 
     # --- the scheduler -----------------------------------------------------
 
@@ -164,6 +179,7 @@ class PoolRuntime:
         )
         await scheduler.start()
         self.scheduler, self.config, self.stats_seen = scheduler, config, {}
+        self.scale_history = None  # a new scheduler knows no busy worker yet: restart the windows
         log.info("scheduler of pool %r started", config.pool)
 
     # --- one round ---------------------------------------------------------
@@ -202,13 +218,7 @@ class PoolRuntime:
             states = scheduler_states(scheduler.snapshot().workers)
 
         digest = template_hash(pod_template(self.name, spec, self.op.default_image))
-        decision = plan(spec.replicas, digest, with_worker_states(infos, states), spec.rolling_update.max_surge)
-        done, errors = await self._carry_out(decision.actions, spec)
-        for event in events.summary(done, spec.replicas):
-            self._post(body, event)
-        problems += errors
-        problems += [p for o in observed for p in o.problems]
-
+        workers = with_worker_states(infos, states)
         pool = spec.pool_name(self.name)
         try:
             queued = await self._queued(pool)
@@ -216,7 +226,25 @@ class PoolRuntime:
             queued = self.queued
             problems.append(f"database: {_first_line(exc)}")
 
-        obs = Observation(spec.replicas, pool, selector_string(self.name), digest, generation, queued, tuple(problems))
+        desired = self._desired(body, spec, digest, workers, queued)
+        decision = plan(desired, digest, workers, spec.rolling_update.max_surge)
+        done, errors = await self._carry_out(decision.actions, spec)
+        for event in events.summary(done, desired):
+            self._post(body, event)
+        problems += errors
+        problems += [p for o in observed for p in o.problems]
+        await self._patch_costs(workers, {a.name for a in done if a.kind is not ActionKind.CREATE})
+
+        obs = Observation(
+            desired,
+            pool,
+            selector_string(self.name),
+            digest,
+            generation,
+            queued,
+            tuple(problems),
+            self.scale_status if spec.autoscaling is not None else None,
+        )
         status = pool_status(decision, obs, (body.get("status") or {}).get("conditions", []), _now())
         if comparable(status) != self.last_status:
             await kube.patch_status(ns, self.name, status)
@@ -230,9 +258,72 @@ class PoolRuntime:
         ):
             metrics.WORKERS.labels(ns, self.name, state).set(count)
         metrics.QUEUED.labels(ns, self.name, pool).set(queued)
+        metrics.DESIRED.labels(ns, self.name).set(desired)
+        metrics.REPLICAS.labels(ns, self.name).set(decision.replicas)
         if scheduler is not None:
             metrics.observe_stats(ns, self.name, scheduler.snapshot().stats, self.stats_seen)
         metrics.ROUNDS.labels(ns, self.name).inc()
+
+    def _desired(self, body: kopf.Body, spec: WorkerPoolSpec, digest: str, workers: list[PodInfo], queued: int) -> int:
+        """spec.replicas, or the autoscaler's decision for this round (:func:`~damops.k8s.autoscale.decide`)."""
+        auto = spec.autoscaling
+        if auto is None:
+            self.scaled, self.scale_history, self.scale_status = None, None, None
+            return spec.replicas
+        ns, now = self.namespace, time.monotonic()
+        if self.scaled is None:
+            # after an operator restart: carry on from the last decision written to the status
+            status = body.get("status") or {}
+            previous = status.get("desiredReplicas") if status.get("autoscaling") else None
+            self.scaled = previous if isinstance(previous, int) else spec.replicas
+            try:
+                self.scale_status = AutoscalingStatus.model_validate(status.get("autoscaling") or {})
+            except ValueError:
+                self.scale_status = AutoscalingStatus()
+        current = self.scaled
+        if self.scale_history is None:
+            self.scale_history = History.fresh(current, now)
+        if self.scheduler is None:
+            return current  # the workers' states are unknown: no decision on guesses
+        figures = plan(current, digest, workers)  # only its counts: they do not depend on the replicas
+        load = Load(queued, figures.active - figures.draining, figures.free, figures.pending)
+        d = decide(load, current, auto, self.scale_history, now)
+        self.scaled, self.scale_history = d.desired, d.history
+        last = self.scale_status or AutoscalingStatus()
+        if d.changed and d.reason is not None:
+            last = last.model_copy(
+                update={"last_scale_time": _now(), "last_scale_reason": d.reason, "last_scale_message": d.message}
+            )
+            self._post(body, events.autoscaled(d.message))
+            metrics.AUTOSCALED.labels(ns, self.name, "up" if d.desired > current else "down").inc()
+            log.info("WorkerPool %s/%s autoscaled: %s", ns, self.name, d.message)
+        self.scale_status = last.model_copy(update={"recommended_replicas": d.recommended, "message": d.message})
+        metrics.RECOMMENDED.labels(ns, self.name).set(d.recommended)
+        return d.desired
+
+    def _claimed_since(self, name: str) -> bool:
+        """The scheduler handed the worker an operation after the snapshot the plan used."""
+        scheduler = self.scheduler
+        return scheduler is not None and any(
+            w.name == name and w.state == WorkerState.ACTIVE for w in scheduler.snapshot().workers
+        )
+
+    async def _patch_costs(self, workers: list[PodInfo], skip: set[str]) -> None:
+        """pod-deletion-cost follows each worker's state class (pending < idle < busy); patched
+        only when the class changes, so a steady pool costs no API request."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        idle = {w.name: w.last_touched_seconds_ago for w in scheduler.snapshot().workers if w.state == WorkerState.FREE}
+        live = [p for p in workers if p.name not in skip]
+        names = {p.name for p in live}
+        self.costs_sent = {n: c for n, c in self.costs_sent.items() if n in names}
+        for name, cost in cost_patches(live, idle, self.costs_sent):
+            try:
+                await self.op.kube.annotate_pod(self.namespace, name, {ANNOTATION_DELETION_COST: cost})
+                self.costs_sent[name] = cost
+            except self.op.kube.ApiException as exc:  # gone meanwhile: the next round knows
+                log.debug("pod-deletion-cost of %s/%s not set: %s", self.namespace, name, exc)
 
     async def _carry_out(self, actions: list[Action], spec: WorkerPoolSpec) -> tuple[list[Action], list[str]]:
         """Carry out the plan; returns the actions done and one message per API error."""
@@ -240,6 +331,15 @@ class PoolRuntime:
         done: list[Action] = []
         errors: list[str] = []
         for action in actions:
+            if (
+                action.kind is ActionKind.DELETE
+                and not action.reason.pod_finished
+                and action.reason is not Reason.DRAINED
+            ):
+                if self._claimed_since(action.name):
+                    # busy since the plan's snapshot: drain it, never cut its operation short
+                    busy = Reason.SCALE_DOWN_ACTIVE if action.reason.scale_down else action.reason
+                    action = Action(ActionKind.DRAIN, action.name, busy)
             try:
                 if action.kind is ActionKind.CREATE:
                     if scheduler is None:
@@ -313,7 +413,13 @@ class PoolRuntime:
                 metrics.WORKERS.remove(self.namespace, self.name, state)
             except KeyError:
                 pass
-        try:
-            metrics.ROUNDS.remove(self.namespace, self.name)
-        except KeyError:
-            pass
+        for gauge in (metrics.ROUNDS, metrics.DESIRED, metrics.REPLICAS, metrics.RECOMMENDED):
+            try:
+                gauge.remove(self.namespace, self.name)
+            except KeyError:
+                pass
+        for direction in ("up", "down"):
+            try:
+                metrics.AUTOSCALED.remove(self.namespace, self.name, direction)
+            except KeyError:
+                pass

@@ -60,6 +60,7 @@ class PodInfo:
     draining: bool = False  # annotated damops.dev/draining
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
     worker_state: WorkerState | None = None  # from the scheduler; None = not known to it
+    deletion_cost: str | None = None  # annotation controller.kubernetes.io/pod-deletion-cost
 
 
 @dataclass(frozen=True)
@@ -200,19 +201,22 @@ def sync_scheduler(pods: list[PodInfo], known: dict[str, str | None]) -> Schedul
 
     ``known`` maps the scheduler's worker names to their host (None if unknown).
     A pod joins once it has an IP and is not terminating; it leaves when it is
-    gone, terminating, finished, or its IP changed.
+    gone, finished, or its IP changed. A terminating pod (deleted by hand, a node
+    drain) is drained, not removed: its sidecar finishes the running operation
+    and hands the result over within the grace period; removing it would
+    recover the operation and count a failed attempt.
     """
     want: dict[str, PodInfo] = {}
     for p in pods:
-        if p.terminating or p.phase in ("Succeeded", "Failed") or not p.ip:
+        if p.phase in ("Succeeded", "Failed") or not p.ip:
             continue
         want[p.name] = p
     # a drained worker the scheduler has let go must not come back
     add = [
         (n, p.ip)
         for n, p in sorted(want.items())
-        if (n not in known and not p.draining) or (n in known and known[n] and known[n] != p.ip)
+        if not p.terminating and ((n not in known and not p.draining) or (n in known and known[n] and known[n] != p.ip))
     ]
     remove = sorted(n for n in known if n not in want)
-    drain = sorted(n for n, p in want.items() if p.draining and n in known)
+    drain = sorted(n for n, p in want.items() if (p.draining or p.terminating) and n in known)
     return SchedulerSync(add=[(n, ip) for n, ip in add if ip], remove=remove, drain=drain)

@@ -26,6 +26,11 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 ANNOTATION_DRAINING = "damops.dev/draining"
+#: honoured by ReplicaSet-style controllers and read by people: lower = deleted first
+ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+COST_PENDING = "0"
+COST_IDLE = "100"
+COST_BUSY = "1000"
 WORKER_COMPONENT = "worker"
 MANAGED_BY = "damops-operator"
 DEFAULT_IMAGE = "localhost/damops-worker:dev"
@@ -226,7 +231,11 @@ def build_worker_pod_spec(
             "generateName": f"{name[:50]}-",
             "namespace": namespace,
             "labels": labels,
-            "annotations": {**template["annotations"], "damops.dev/pool": spec.pool_name(name)},
+            "annotations": {
+                **template["annotations"],
+                "damops.dev/pool": spec.pool_name(name),
+                ANNOTATION_DELETION_COST: COST_PENDING,
+            },
             "ownerReferences": [owner_reference(name, owner_uid)],
         },
         "spec": template["spec"],

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from damops.k8s.models import Condition, WorkerPoolStatus
+from damops.k8s.models import AutoscalingStatus, Condition, WorkerPoolStatus
 from damops.k8s.reconcile import Plan
 
 
@@ -35,6 +35,7 @@ class Observation:
     generation: int | None = None
     queued: int = 0
     problems: tuple[str, ...] = ()
+    autoscaling: AutoscalingStatus | None = None  # None: spec.replicas rules
 
 
 def progressing_reason(plan: Plan, desired: int) -> Progressing:
@@ -110,7 +111,11 @@ def pool_status(plan: Plan, obs: Observation, previous_conditions: list[dict[str
         pool=obs.pool,
         selector=obs.selector,
         template_hash=obs.template_hash,
+        desired_replicas=obs.desired,
+        autoscaling=obs.autoscaling,
     ).to_k8s()
+    if obs.autoscaling is None:
+        status["autoscaling"] = None  # a merge patch removes what an earlier autoscaler wrote
     status["conditions"] = carry_transition_times(previous_conditions, conditions(plan, obs), now)
     return status
 

@@ -96,7 +96,16 @@ def test_sync_scheduler_adds_running_pods_and_removes_gone_ones() -> None:
     pods = [pod("a", ip="198.18.0.2"), pod("b", ip=None, phase="Pending"), pod("t", ip="198.18.0.4", terminating=True)]
     s = sync_scheduler(pods, {"gone": "198.18.0.7", "t": "198.18.0.4"})
     assert s.add == [("a", "198.18.0.2")]
-    assert s.remove == ["gone", "t"]
+    assert s.remove == ["gone"]
+
+
+def test_sync_scheduler_drains_a_terminating_pod_until_it_is_gone() -> None:
+    # deleted by hand while busy: it finishes its operation in its grace period; nothing is recovered
+    terminating = [pod("t", ip="198.18.0.4", terminating=True)]
+    s = sync_scheduler(terminating, {"t": "198.18.0.4"})
+    assert (s.add, s.remove, s.drain) == ([], [], ["t"])
+    assert sync_scheduler(terminating, {}).add == []  # never (re)joins
+    assert sync_scheduler([], {"t": "198.18.0.4"}).remove == ["t"]  # gone: recovered if it still held one
 
 
 def test_sync_scheduler_readds_on_ip_change_and_never_readds_drained() -> None:
