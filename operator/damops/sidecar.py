@@ -38,6 +38,9 @@ from damops.protocol import (
 
 log = logging.getLogger("damops.sidecar")
 
+# After SIGTERM, how long an idle sidecar waits for its worker to exit first.
+WORKER_EXIT_WAIT = 2.0
+
 
 class Sidecar:
     def __init__(
@@ -55,6 +58,7 @@ class Sidecar:
         self.stopped = asyncio.Event()
         self.boot = secrets.token_hex(8)
         self.terminating = False
+        self._exit_timer: asyncio.TimerHandle | None = None
 
     # --- servers -----------------------------------------------------------
 
@@ -103,8 +107,14 @@ class Sidecar:
         self._exit_when_idle()
 
     def _exit_when_idle(self) -> None:
-        if self.terminating and self.assignment is None and not self.undelivered:
+        if not (self.terminating and self.assignment is None and not self.undelivered):
+            return
+        if self.worker is None:
             self.stopped.set()
+        elif self._exit_timer is None:
+            # The worker got the same SIGTERM and exits once its StatusUpdate is out:
+            # let it go first (a supervisor seeing the sidecar gone would kill it).
+            self._exit_timer = asyncio.get_running_loop().call_later(WORKER_EXIT_WAIT, self.stopped.set)
 
     # --- the worker side ---------------------------------------------------
 
@@ -156,6 +166,7 @@ class Sidecar:
                         lost.id, lost.attempt, f"worker process lost while running the operation ({reason})"
                     )
                 )
+            self._exit_when_idle()
 
     # --- the scheduler side ------------------------------------------------
 
