@@ -151,7 +151,7 @@ Message = Annotated[
     | Shutdown,
     Field(discriminator="type"),
 ]
-_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)  # type: ignore[arg-type]
+_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)  # type: ignore[arg-type, unused-ignore]
 
 
 def encode(message: _Message, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
