@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import secrets
 import signal
@@ -256,6 +257,9 @@ async def run_async(
             watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(signals.stop.wait())]
             if demo:
                 done = asyncio.Event()
+                if "DAMOPS_LOG_LEVEL" not in os.environ:
+                    # The progress bar is the demo's screen; a line per operation would bury it.
+                    logging.getLogger("damops.operations").setLevel(logging.WARNING)
                 with psycopg.connect(url) as conn:
                     batch_ids = enqueue_many(conn, demo_batch(demo_count, scheduler.pool))
                 progress = asyncio.create_task(_progress(scheduler, url, batch_ids, done))

@@ -150,7 +150,8 @@ class Sidecar:
                     raise ProtocolError(f"unexpected {message.type} from the worker")
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             reason = f"worker connection dropped: {exc or type(exc).__name__}"
-            log.warning("%s", reason)
+            # Expected when both were told to stop; a warning otherwise.
+            (log.info if self.terminating else log.warning)("%s", reason)
         finally:
             beat.cancel()
             self.worker = None

@@ -67,3 +67,22 @@ def test_runs_durations_queue_times_and_workers_are_exported(database_url):
     assert value(after, "damops_operation_queue_seconds_bucket", le="+Inf", **ok) >= 5
     assert value(after, "damops_scheduler_workers", pool=pool, state="free") == 2
     assert ("damops_scheduler_released_total", (("pool", pool),)) in after
+
+
+def test_one_log_line_per_finished_run_names_the_operation(database_url, caplog):
+    async def scenario():
+        async with running_engine(database_url, settings(worker_count=1)):
+            with psycopg.connect(database_url) as conn:
+                ids = enqueue_many(conn, [NewOperation("noop"), NewOperation("fail", {"message": "x"}, max_attempts=1)])
+            await wait_final(database_url, ids)
+            return ids
+
+    with caplog.at_level("INFO", logger="damops.operations"):
+        ok, failed = asyncio.run(scenario())
+    lines = [r for r in caplog.records if r.name == "damops.operations"]
+    assert [r.getMessage().split(" (")[0] for r in lines] == [
+        f"operation {ok} noop: SUCCESS",
+        f"operation {failed} fail: FAILED",
+    ]
+    assert [(r.operation_id, r.outcome, r.attempt) for r in lines] == [(ok, "SUCCESS", 1), (failed, "FAILED", 1)]
+    assert all(r.duration_seconds is not None and r.duration_seconds >= 0 for r in lines)
