@@ -583,3 +583,106 @@ def test_deleting_the_pool_deletes_its_pods() -> None:
         lambda: kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0,
         60,
     )
+
+
+TRIGGER_MODULE = """
+def shout(inputs):
+    return {"text": inputs["text"].upper()}
+"""
+
+
+def test_trigger_code_from_a_configmap_volume_runs_with_the_pools_security_context() -> None:
+    """spec.volumes/volumeMounts bring trigger-function code into the worker (on extraPythonPath);
+    spec.podSecurityContext/securityContext replace the pod's defaults."""
+    name = f"volume-{RUN}"
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-code", "namespace": NS},
+        "data": {"e2e_thumbs.py": TRIGGER_MODULE},
+    }
+    kubectl("apply", "-f", "-", stdin=json.dumps(configmap))
+    apply_pool(
+        name,
+        1,
+        volumes=[{"name": "code", "configMap": {"name": f"{name}-code"}}],
+        volumeMounts=[{"name": "code", "mountPath": "/opt/damops-code", "readOnly": True}],
+        triggerFunctions={"extraPythonPath": ["/opt/damops-code"]},
+        env=[{"name": "DAMOPS_ALLOWED_TRIGGERS", "value": "e2e_thumbs"}],
+        podSecurityContext={"runAsNonRoot": True, "runAsUser": 10002, "runAsGroup": 10002, "fsGroup": 10002},
+        securityContext={"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+    )
+    wait_ready(name, 1)
+    pod = live_pods(name)[0]
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10002
+    [op_id] = enqueue(name, "e2e_thumbs:shout", 1, {"text": "from a volume"})
+    [row] = wait_all_final([op_id], timeout=120)
+    assert row["status"] == "SUCCESS", row
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        result = conn.execute("SELECT result FROM damops.operations WHERE id = %s", (op_id,)).fetchone()[0]
+    assert result == {"text": "FROM A VOLUME"}, result
+    kubectl("delete", "configmap", f"{name}-code", check=False)
+
+
+def test_helm_test_enqueues_an_operation_and_sees_it_succeed() -> None:
+    proc = subprocess.run(
+        ["helm", "test", RELEASE, "-n", NS, "--timeout", "240s", "--logs"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Succeeded" in proc.stdout and ": SUCCESS" in proc.stdout, proc.stdout
+
+
+def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> None:
+    """The documented upgrade: CRDs first (server-side apply), then `helm upgrade --reuse-values`.
+    The operator is replaced; the pool's pods are adopted, not recreated, and keep working."""
+    name = f"upgrade-{RUN}"
+    apply_pool(name, 2)
+    wait_ready(name, 2)
+    uids = {p["metadata"]["uid"] for p in live_pods(name)}
+    old = operator_pod()
+    assert old is not None
+    crds = subprocess.run(
+        ["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crds.returncode == 0, crds.stderr
+    assert "workerpools.damops.dev serverside-applied" in crds.stdout, crds.stdout
+    schema = json.loads(
+        subprocess.run(
+            ["kubectl", "get", "crd", "workerpools.damops.dev", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    )["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert "volumeMounts" in schema and "topologySpreadConstraints" in schema
+    proc = subprocess.run(
+        ["helm", "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--wait", "--timeout", "240s"]
+        + ["--set", f"operator.podAnnotations.damops-e2e/upgraded={RUN}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    history = json.loads(
+        subprocess.run(
+            ["helm", "history", RELEASE, "-n", NS, "-o", "json"], capture_output=True, text=True, timeout=60
+        ).stdout
+    )
+    assert history[-1]["status"] == "deployed" and history[-1]["revision"] >= 2, history
+    new = wait_for(
+        "the upgraded operator pod Ready",
+        lambda: (p := operator_pod()) and p["metadata"]["name"] != old["metadata"]["name"] and p,
+        120,
+    )
+    assert new["metadata"]["annotations"].get("damops-e2e/upgraded") == RUN
+    wait_ready(name, 2)
+    assert {p["metadata"]["uid"] for p in live_pods(name)} == uids, "the upgrade recreated the pool's pods"
+    ids = enqueue(name, "noop", 20)
+    assert all(r["status"] == "SUCCESS" for r in wait_all_final(ids, timeout=120)), statuses(ids)
