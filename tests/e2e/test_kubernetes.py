@@ -23,14 +23,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "damops"
 
 
 def _skip(reason: str) -> None:
@@ -62,69 +58,32 @@ import psycopg  # noqa: E402
 
 from damops.db import migrate  # noqa: E402
 from damops.operations import NewOperation, enqueue_many  # noqa: E402
+from tests.support.k8s import (  # noqa: E402
+    CHART,
+    Images,
+    Namespace,
+    condition,
+    install_operator,
+    pod_ready,
+    uninstall_operator,
+)
 
 DB_URL = os.environ["DAMOPS_E2E_DATABASE_URL"]
 POD_DB_URL = os.environ["DAMOPS_E2E_POD_DATABASE_URL"]
-WORKER_IMAGE = os.environ.get("DAMOPS_E2E_IMAGE_WORKER", "localhost/damops-worker:dev")
-OPERATOR_IMAGE = os.environ.get("DAMOPS_E2E_IMAGE_OPERATOR", "localhost/damops-operator:dev")
-PULL_POLICY = os.environ.get("DAMOPS_E2E_PULL_POLICY", "IfNotPresent")
+IMAGES = Images.from_env()
+WORKER_IMAGE, PULL_POLICY = IMAGES.worker, IMAGES.pull_policy
 RUN = uuid.uuid4().hex[:6]
 NS = f"damops-e2e-{RUN}"
 RELEASE = f"damops-e2e-{RUN}"
-WORKER_SELECTOR = "app.kubernetes.io/component=worker"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def kubectl(
-    *args: str, check: bool = True, timeout: float = 60, stdin: str | None = None
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["kubectl", "-n", NS, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def kjson(*args: str) -> Any:
-    return json.loads(kubectl(*args, "-o", "json").stdout)
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 180, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    dump = kubectl("get", "workerpools,pods", "-o", "wide", check=False).stdout
-    events = kubectl("get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n{dump}\n{events}")
-
-
-def pods(pool: str) -> list[dict[str, Any]]:
-    return kjson("get", "pods", "-l", f"damops.dev/workerpool={pool},{WORKER_SELECTOR}")["items"]
-
-
-def live_pods(pool: str) -> list[dict[str, Any]]:
-    return [p for p in pods(pool) if not p["metadata"].get("deletionTimestamp")]
-
-
-def pod_ready(pod: dict[str, Any]) -> bool:
-    conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
-    return conds.get("Ready") == "True"
-
-
-def workerpool(name: str) -> dict[str, Any]:
-    return kjson("get", "workerpool", name)
-
-
-def condition(wp: dict[str, Any], ctype: str) -> str | None:
-    for c in (wp.get("status") or {}).get("conditions", []):
-        if c["type"] == ctype:
-            return c["status"]
-    return None
+CLUSTER = Namespace(NS)
+kubectl, kjson, wait_for = CLUSTER.kubectl, CLUSTER.kjson, CLUSTER.wait_for
+pods, live_pods, workerpool = CLUSTER.pods, CLUSTER.live_pods, CLUSTER.workerpool
+operator_pod, operator_metrics = CLUSTER.operator_pod, CLUSTER.operator_metrics
 
 
 _APPLIED: set[str] = set()  # pools created by the running test; deleted when it ends, pass or fail
@@ -203,50 +162,19 @@ def delete_pool(name: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def operator_release() -> Any:
     migrate(DB_URL)
-    subprocess.run(["kubectl", "create", "namespace", NS], check=True, capture_output=True, timeout=30)
-    repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
-    wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
-    cmd = [
-        "helm",
-        "upgrade",
-        "--install",
+    proc = install_operator(
+        CLUSTER,
         RELEASE,
-        str(CHART),
-        "-n",
-        NS,
-        "--wait",
-        "--timeout",
-        "240s",
-        "--set",
-        f"database.url={POD_DB_URL}",
-        "--set",
-        f"image.operator.repository={repo}",
-        "--set",
-        f"image.operator.tag={tag}",
-        "--set",
-        f"image.operator.pullPolicy={PULL_POLICY}",
-        "--set",
-        f"image.worker.repository={wrepo}",
-        "--set",
-        f"image.worker.tag={wtag}",
-        "--set",
-        f"operator.watchNamespaces={{{NS}}}",
-        "--set",
-        f"operator.peering.name=damops-e2e-{RUN}",
-        "--set",
-        "operator.logFormat=plain",
-        "--set-string",
-        "configuration.digitalAssetManagement.schedulerHeartbeat=500ms",
-        "--set-string",
-        "configuration.digitalAssetManagement.maxOperationProcessingTime=60s",
-        "--set-string",
-        "configuration.digitalAssetManagement.housekeepingInterval=2s",
-        "--set-string",
-        "configuration.digitalAssetManagement.shutdownGrace=5s",
-        "--set",
-        "operator.resources.requests.cpu=50m",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        POD_DB_URL,
+        IMAGES,
+        sets={"operator.resources.requests.cpu": "50m"},
+        strings={
+            "configuration.digitalAssetManagement.schedulerHeartbeat": "500ms",
+            "configuration.digitalAssetManagement.maxOperationProcessingTime": "60s",
+            "configuration.digitalAssetManagement.housekeepingInterval": "2s",
+            "configuration.digitalAssetManagement.shutdownGrace": "5s",
+        },
+    )
     if proc.returncode != 0:
         logs = kubectl("logs", "-l", "app.kubernetes.io/component=operator", "--tail=80", check=False).stdout
         pods_out = kubectl("get", "pods", "-o", "wide", check=False).stdout
@@ -254,23 +182,7 @@ def operator_release() -> Any:
     yield RELEASE
     if os.environ.get("DAMOPS_E2E_KEEP"):
         return
-    kubectl("delete", "workerpools", "--all", "--wait=true", "--timeout=120s", check=False, timeout=150)
-    # stop the operator while its RBAC still exists, so it can leave the peering cleanly
-    kubectl("scale", f"deployment/{RELEASE}-operator", "--replicas=0", check=False)
-    kubectl(
-        "wait",
-        "pod",
-        "-l",
-        "app.kubernetes.io/component=operator",
-        "--for=delete",
-        "--timeout=120s",
-        check=False,
-        timeout=150,
-    )
-    subprocess.run(
-        ["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s"], capture_output=True, timeout=150
-    )
-    subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
+    uninstall_operator(CLUSTER, RELEASE)
 
 
 @pytest.fixture(autouse=True)
@@ -435,12 +347,6 @@ def test_worker_pod_deleted_mid_operation_is_recovered() -> None:
     assert victim_uid not in {p["metadata"]["uid"] for p in live_pods(name)}
 
 
-def operator_pod() -> dict[str, Any] | None:
-    items = kjson("get", "pods", "-l", "app.kubernetes.io/component=operator")["items"]
-    ready = [p for p in items if not p["metadata"].get("deletionTimestamp") and pod_ready(p)]
-    return ready[0] if len(ready) == 1 else None
-
-
 def test_operator_restart_adopts_operations_in_flight(claim_log: Any) -> None:
     """The operator is restarted while every worker runs a long operation. The old one gives
     them SHUTDOWN_GRACE (5 s here), then puts them back in the queue; the new one adopts the
@@ -532,20 +438,6 @@ def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
     wait_for("both workers replaced by the new template", rolled, 180, interval=0.5)
     assert not old_uids & {p["metadata"]["uid"] for p in live_pods(name)}
     assert min_ready >= 2, "capacity dropped below replicas during the rolling replacement"
-
-
-def operator_metrics() -> dict[str, float]:
-    """The operator's Prometheus samples (through the API server's pod proxy: works wherever kubectl does)."""
-    pod = operator_pod()
-    assert pod is not None
-    path = f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}:9090/proxy/metrics"
-    text = subprocess.run(["kubectl", "get", "--raw", path], capture_output=True, text=True, timeout=30, check=True)
-    samples = {}
-    for line in text.stdout.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
 
 
 def test_an_idle_pool_asks_the_api_server_nothing_per_round() -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "damops"
 WORKER_SELECTOR = "app.kubernetes.io/component=worker"
@@ -51,12 +53,12 @@ def condition(wp: dict[str, Any], ctype: str) -> str | None:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format → {sample with labels: value}."""
+    """Prometheus text format, read by the prometheus client's own parser → {'name{k="v",...}': value}."""
     samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
     return samples
 
 
