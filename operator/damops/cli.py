@@ -682,8 +682,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(crd_main(argv[1:]))
         args = build_parser().parse_args(argv)
         setup_logging("INFO" if args.command == "run" else "WARNING")
-        if args.command == "run":
-            tracing.configure("scheduler")  # no-op unless DAMOPS_TRACING (the worker configures its own)
+        if args.command in ("run", "enqueue"):  # no-op unless DAMOPS_TRACING (the worker configures its own)
+            tracing.configure("scheduler" if args.command == "run" else "cli")
         args.func(args)
     except (UserError, ConfigError) as exc:
         command = f"damops {argv[0]}" if argv and not argv[0].startswith("-") else "damops"

@@ -91,12 +91,23 @@ def test_a_producers_trace_continues_through_the_scheduler_into_the_worker(datab
                     "SELECT id, trace_context FROM damops.operations WHERE id = ANY(%s)", ([ok, flaky, alone],)
                 ).fetchall()
             )
-        assert asyncio.run(wait_final(database_url, [ok, flaky, alone])) == {
+        # `damops enqueue` traces too when told to: its enqueue span goes to the same file.
+        produced = subprocess.run(
+            [sys.executable, "-m", "damops", "enqueue", "noop", "--pool", POOL],
+            env=dict(os.environ, DATABASE_URL=database_url, **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert produced.returncode == 0, produced.stderr
+        from_cli = int(produced.stdout.strip())
+        assert asyncio.run(wait_final(database_url, [ok, flaky, alone, from_cli])) == {
             ok: "SUCCESS",
             flaky: "SUCCESS",
             alone: "SUCCESS",
+            from_cli: "SUCCESS",
         }
-        expected = {(ok, 1), (flaky, 1), (flaky, 2), (alone, 1)}
+        expected = {(ok, 1), (flaky, 1), (flaky, 2), (alone, 1), (from_cli, 1)}
         spans = wait_spans(
             spans_file,
             lambda spans: (
@@ -133,6 +144,17 @@ def test_a_producers_trace_continues_through_the_scheduler_into_the_worker(datab
             assert (ran["service"], ran["kind"]) == ("damops-worker", "CONSUMER")
             assert claim["pid"] != ran["pid"]  # two processes
             assert ran["attributes"]["messaging.destination.name"] == POOL
+    [cli_enqueue] = [s for s in spans if s["name"] == f"enqueue {POOL}"]
+    assert (cli_enqueue["service"], cli_enqueue["kind"], cli_enqueue["parent_span_id"]) == (
+        "damops-cli",
+        "PRODUCER",
+        None,
+    )
+    assert cli_enqueue["attributes"]["messaging.message.id"] == str(from_cli)
+    cli_claim, cli_run = by_operation(spans, "claim ", from_cli)[1], by_operation(spans, "run ", from_cli)[1]
+    assert cli_claim["trace_id"] == cli_run["trace_id"] == cli_enqueue["trace_id"]
+    assert (cli_claim["parent_span_id"], cli_run["parent_span_id"]) == (cli_enqueue["span_id"], cli_claim["span_id"])
+
     failed_run = by_operation(spans, "run ", flaky)[1]
     assert failed_run["status"] == "ERROR" and "transient failure" in failed_run["status_description"]
     assert by_operation(spans, "run ", flaky)[2]["status"] == "UNSET"
