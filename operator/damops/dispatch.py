@@ -41,9 +41,16 @@ class Lease:
     worker: str
     trigger_function: str = ""  # unknown for a lease adopted from a sidecar
     inputs: Any = None
+    trace_context: dict[str, Any] | None = None  # W3C trace context for the worker's run span (damops.tracing)
 
     def operation(self) -> Operation:
-        return Operation(id=self.id, trigger_function=self.trigger_function, inputs=self.inputs, attempt=self.attempt)
+        return Operation(
+            id=self.id,
+            trigger_function=self.trigger_function,
+            inputs=self.inputs,
+            attempt=self.attempt,
+            trace_context=self.trace_context,
+        )
 
 
 def failure(lease: Lease, error: str, *, retryable: bool = True) -> StatusUpdate:

@@ -84,6 +84,9 @@ class Operation(_Message):
     trigger_function: str
     inputs: Any = None
     attempt: int
+    # W3C trace context (traceparent, tracestate) the worker's run span continues
+    # (damops.tracing). Left out of the frame when None: untraced frames are unchanged.
+    trace_context: dict[str, Any] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class StatusUpdate(_Message):

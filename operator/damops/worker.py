@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from damops import protocol
+from damops import logs, protocol, tracing
 from damops.lifeline import die_with_parent
+from damops.logs import OperationFields
 from damops.protocol import Cancel, Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
 from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
@@ -95,6 +96,7 @@ class WorkerRuntime:
         self._cancels_lock = threading.Lock()
         self._running = False
         self._terminating = False
+        self.pool = os.environ.get("DAMOPS_POOL") or None  # set for worker pods and by damops run: for log lines
 
     def preload(self, names: list[str]) -> None:
         """Import trigger functions before saying Ready (pre-heating): the first
@@ -128,7 +130,7 @@ class WorkerRuntime:
                     raise item
                 self._running = True
                 try:
-                    channel.send_frame(self._frame(self.handle(item)))
+                    channel.send_frame(self._frame(self._observed(item)))
                 finally:
                     self._running = False
                     with self._cancels_lock:
@@ -160,7 +162,11 @@ class WorkerRuntime:
                     with self._cancels_lock:
                         event = self._cancels.get((message.id, message.attempt))
                     if event is not None:
-                        log.info("operation %d: cancel requested", message.id)
+                        log.info(
+                            "operation %d: cancel requested",
+                            message.id,
+                            extra=logs.fields(message.id, None, message.attempt, self.pool, self.name),
+                        )
                         event.set()
                 elif isinstance(message, Shutdown):
                     inbox.put(None)
@@ -213,6 +219,14 @@ class WorkerRuntime:
                 self._channel.send(Progress(id=operation_id, message=message, fraction=fraction))
 
         return report
+
+    def _observed(self, op: Operation) -> StatusUpdate:
+        """:meth:`handle`, with every line logged meanwhile (the trigger function's
+        too) naming the operation, and in a run span when tracing."""
+        with logs.about(OperationFields(op.id, op.trigger_function, op.attempt, self.pool, self.name)):
+            if tracing.tracer is None:
+                return self.handle(op)
+            return tracing.run(op, self.pool, self.name, self.handle)
 
     def handle(self, op: Operation) -> StatusUpdate:
         """Run one operation; every outcome becomes exactly one StatusUpdate
@@ -300,4 +314,5 @@ def _takes_context(function: Any) -> bool:
 
 def main(socket_path: str, secret: str, name: str | None = None) -> None:
     die_with_parent()
+    tracing.configure("worker")
     WorkerRuntime(socket_path, secret, name).run()
