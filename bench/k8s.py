@@ -136,7 +136,10 @@ def throughput_round(ns: Namespace, db_url: str, pool: str, ops: int) -> dict[st
     }
 
 
-def idle_api_rate(ns: Namespace, seconds: float) -> float:
+def idle_api_rate(ns: Namespace, seconds: float, settle: float = 20) -> float:
+    """Requests per minute of an idle pool, after ``settle`` s: a pod free for 10 s after its last
+    operation gets one pod-deletion-cost patch (busy → idle); that is the load's tail, not steady state."""
+    time.sleep(settle)
     _, req0 = operator_counters(ns)
     time.sleep(seconds)
     _, req1 = operator_counters(ns)
@@ -171,6 +174,7 @@ def main() -> int:
     try:
         marks = sorted({m for m in (10, args.max_workers) if m <= args.max_workers})
         result["startup_seconds_to_ready"] = time_to_ready(ns, pool, images, args.max_workers, marks)
+        result["uptime_after_startup"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         print(f"start-up: {args.max_workers} workers, seconds to N Ready: {result['startup_seconds_to_ready']}")
         scale(ns, pool, args.workers)
         throughput_round(ns, db_url, pool, min(200, args.ops))  # warm-up
