@@ -84,6 +84,9 @@ class Operation(_Message):
     trigger_function: str
     inputs: Any = None
     attempt: int
+    # Sent ahead to a busy worker (WORKER_PREFETCH): its sidecar holds it and
+    # starts it the moment the running one ends, or hands it back unrun.
+    prefetched: bool = False
 
 
 class StatusUpdate(_Message):
@@ -129,6 +132,15 @@ class Cancel(_Message):
     attempt: int
 
 
+class Withdraw(_Message):
+    """Scheduler -> sidecar: hand back this prefetched operation if it has not started
+    (the answer is a StatusUpdate with ``executed`` False); ignored once it runs."""
+
+    type: Literal["withdraw"] = "withdraw"
+    id: int
+    attempt: int
+
+
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
 
@@ -147,6 +159,7 @@ Message = Annotated[
     | StatusUpdate
     | Progress
     | Cancel
+    | Withdraw
     | Heartbeat
     | Shutdown,
     Field(discriminator="type"),
