@@ -90,7 +90,9 @@ class ExperimentSupervisor(LocalSupervisor):
 def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSupervisor]:
     if not uvloop and not child_env:
         return LocalSupervisor
-    return type("Supervisor", (ExperimentSupervisor,), {"uvloop": uvloop, "extra_env": dict(child_env)})
+    # uvloop children are started by command line (``_command``), not forked from the zygote.
+    attributes = {"uvloop": uvloop, "extra_env": dict(child_env), "fork": LocalSupervisor.fork and not uvloop}
+    return type("Supervisor", (ExperimentSupervisor,), attributes)
 
 
 class DamopsPool:
