@@ -235,6 +235,10 @@ def _child(request: dict[str, Any], fds: list[int], inherited: list[int]) -> int
         os.environ.update(env)
         if PARENT_ENV in env:
             os.environ[PARENT_ENV] = str(os.getppid())  # the zygote, which dies with damops run
+        # As a fresh interpreter would: PYTHONPATH entries set after the zygote started.
+        for entry in reversed([p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]):
+            if entry not in sys.path:
+                sys.path.insert(1, entry)
         from damops.logs import setup_logging
 
         setup_logging("WARNING")
