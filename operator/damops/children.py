@@ -171,6 +171,9 @@ def serve(fd: int) -> None:
     import damops.logs
     import damops.sidecar
     import damops.worker  # noqa: F401  (imported once here, inherited by every child)
+    from damops import triggers
+
+    triggers.scanned_entry_points = triggers.installed_entry_points()
 
     control = socket.socket(fileno=fd)
     control.sendall(json.dumps({"ready": os.getpid()}).encode() + b"\n")
