@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-unit test-e2e bench bench-quick clean
+.PHONY: run test test-unit test-e2e bench bench-quick bench-k8s clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(BIN)/.installed
 bench-quick: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/run.py --quick
+
+# damops on the cluster KUBECONFIG names (eval "$$(hack/local-cluster env)" first): figures, not a test.
+bench-k8s: $(BIN)/.installed
+	$(BIN)/python bench/k8s.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache  # the embedded database lives in DAMOPS_HOME (~/.local/share/damops): not removed

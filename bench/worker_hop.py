@@ -57,7 +57,9 @@ def main() -> None:
         conn.sendall(protocol.encode(challenge))
         read_message(conn)  # Hello
         assert isinstance(read_message(conn), Ready)
-        frames = [protocol.encode(Operation(id=i, trigger_function="noop", inputs={}, attempt=1)) for i in range(args.ops)]
+        frames = [
+            protocol.encode(Operation(id=i, trigger_function="noop", inputs={}, attempt=1)) for i in range(args.ops)
+        ]
         for frame in frames[:200]:  # warm-up
             conn.sendall(frame)
             while not isinstance(read_message(conn), StatusUpdate):

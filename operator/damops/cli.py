@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from damops import tracing
 from damops.config import ConfigError, Settings, load_settings, parse_duration
 from damops.logs import setup_logging
 
@@ -671,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if argv[0] == "operator":
                 from damops.k8s.main import main as operator_main
 
+                tracing.configure("operator")
                 if not {"-h", "--help"} & set(argv[1:]):
                     _check_cluster()
                 operator_main(argv[1:])
@@ -680,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(crd_main(argv[1:]))
         args = build_parser().parse_args(argv)
         setup_logging("INFO" if args.command == "run" else "WARNING")
+        if args.command in ("run", "enqueue"):  # no-op unless DAMOPS_TRACING (the worker configures its own)
+            tracing.configure("scheduler" if args.command == "run" else "cli")
         args.func(args)
     except (UserError, ConfigError) as exc:
         command = f"damops {argv[0]}" if argv and not argv[0].startswith("-") else "damops"

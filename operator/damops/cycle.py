@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from damops import metrics, store
+from damops import logs, metrics, store
 from damops.backoff import RetryPolicy
 from damops.config import Settings
 from damops.dispatch import Completion, Lease, PendingWrites, Stats
@@ -160,8 +160,12 @@ class DispatchCycle:
             except psycopg.Error as exc:
                 refused = exc
             self.stats.write_errors += 1
+            about = self._about(single)
             log.error(
-                "could not store the write for operation(s) %s: %s", sorted(single.operation_ids()), first_line(refused)
+                "could not store the write for operation(s) %s: %s",
+                sorted(single.operation_ids()),
+                first_line(refused),
+                extra=about,
             )
             if single.completions:
                 bad = single.completions[0].update
@@ -176,7 +180,19 @@ class DispatchCycle:
                         conn, PendingWrites(completions=[Completion(replacement, single.completions[0].worker)])
                     )
                 except psycopg.Error as again:
-                    log.error("operation %d left PROCESSING for housekeeping: %s", bad.id, first_line(again))
+                    log.error(
+                        "operation %d left PROCESSING for housekeeping: %s", bad.id, first_line(again), extra=about
+                    )
+
+    def _about(self, single: PendingWrites) -> dict[str, object]:
+        """The log fields of a write about one operation (a StatusUpdate or a give-back)."""
+        if single.completions:
+            done = single.completions[0]
+            return logs.fields(done.update.id, None, done.update.attempt, self.pool, done.worker)
+        if single.releases:
+            lease = single.releases[0]
+            return logs.fields(lease.id, lease.trigger_function or None, lease.attempt, self.pool, lease.worker)
+        return {"pool": self.pool}
 
     async def _resolve(self, conn: psycopg.AsyncConnection, pending: PendingWrites) -> list[Lease]:
         params = {"pool": self.pool, "workers": sorted(self._unresolved), "settled": sorted(pending.operation_ids())}

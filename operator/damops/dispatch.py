@@ -48,6 +48,7 @@ class Lease:
     worker: str
     trigger_function: str = ""  # unknown for a lease adopted from a sidecar
     inputs: Any = None
+    trace_context: dict[str, Any] | None = None  # W3C trace context for the worker's run span (damops.tracing)
 
     def operation(self, prefetched: bool = False) -> Operation:
         return Operation(
@@ -55,6 +56,7 @@ class Lease:
             trigger_function=self.trigger_function,
             inputs=self.inputs,
             attempt=self.attempt,
+            trace_context=self.trace_context,
             prefetched=prefetched,
         )
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from damops import lifecycle
+from damops import lifecycle, logs
 from damops.config import Settings
 from damops.db import HOUSEKEEPING_LOCK_KEY
 from damops.periodic import Schedule, parse_schedules, run_periodic
@@ -59,12 +59,12 @@ WITH expired AS (
           ORDER BY id
           FOR UPDATE) AS before
     WHERE o.id = before.id AND o.status = 'PROCESSING' AND o.updated < now() - make_interval(secs => %(limit)s)
-    RETURNING o.id, o.status, o.attempts, before.worker, o.error, o.started
+    RETURNING o.id, o.status, o.attempts, before.worker, o.error, o.started, o.trigger_function, o.pool
 ), history AS (
     INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, started)
     SELECT id, attempts, worker, 'expired', status, error, started FROM expired
 )
-SELECT id, status FROM expired
+SELECT id, status, attempts, trigger_function, pool, worker FROM expired
 """
 
 DELETE_OLD_FAILED_SQL = """
@@ -76,7 +76,7 @@ WHERE id IN (
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 ) AND status = 'FAILED'
-RETURNING id, trigger_function, created, attempts, error
+RETURNING id, trigger_function, created, attempts, error, pool
 """
 
 DELETE_EXCESS_FAILED_SQL = """
@@ -89,7 +89,7 @@ WHERE id IN (
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 ) AND status = 'FAILED'
-RETURNING id, trigger_function, created, attempts, error
+RETURNING id, trigger_function, created, attempts, error, pool
 """
 
 
@@ -120,9 +120,14 @@ def recover_expired_operations(
         rows = conn.execute(
             RECOVER_EXPIRED_SQL, {"limit": max_processing_seconds, "default_max_attempts": default_max_attempts}
         ).fetchall()
-    for op_id, status in rows:
-        log.warning("expired operation %d recovered: now %s", op_id, status)
-    return dict(rows)
+    for op_id, status, attempt, trigger_function, pool, worker in rows:
+        log.warning(
+            "expired operation %d recovered: now %s",
+            op_id,
+            status,
+            extra=logs.fields(op_id, trigger_function, attempt, pool, worker),
+        )
+    return {row[0]: row[1] for row in rows}
 
 
 def _delete_in_batches(conn: psycopg.Connection, sql: str, params: dict[str, object], reason: str) -> int:
@@ -130,7 +135,7 @@ def _delete_in_batches(conn: psycopg.Connection, sql: str, params: dict[str, obj
     while True:
         with conn.transaction():  # one short transaction per batch: no long lock
             rows = conn.execute(sql, {**params, "batch": DELETE_BATCH}).fetchall()
-        for op_id, trigger_function, created, attempts, error in rows:
+        for op_id, trigger_function, created, attempts, error, pool in rows:
             cleanup_log.info(
                 json.dumps(
                     {
@@ -142,7 +147,8 @@ def _delete_in_batches(conn: psycopg.Connection, sql: str, params: dict[str, obj
                         "attempts": attempts,
                         "error": error,
                     }
-                )
+                ),
+                extra=logs.fields(op_id, trigger_function, attempts, pool),
             )
         deleted += len(rows)
         if len(rows) < DELETE_BATCH:

@@ -107,7 +107,9 @@ class LocalSupervisor:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["DAMOPS_SECRET"] = self.secret
-        env["DAMOPS_LOG_LEVEL"] = self.log_level
+        # An explicit DAMOPS_LOG_LEVEL reaches the workers too; without it they say only what matters.
+        env["DAMOPS_LOG_LEVEL"] = os.environ.get("DAMOPS_LOG_LEVEL") or self.log_level
+        env["DAMOPS_POOL"] = self.scheduler.pool  # the workers' log lines name their pool
         env[PARENT_ENV] = str(os.getpid())
         return env
 

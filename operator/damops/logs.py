@@ -1,16 +1,110 @@
 """Logging set-up: readable text by default, one JSON object per line with
-DAMOPS_LOG_FORMAT=json (for log collectors on Kubernetes)."""
+DAMOPS_LOG_FORMAT=json (for log collectors on Kubernetes).
+
+Lines about one operation carry its fields (operation id, trigger function,
+attempt, pool, worker), so a collector can follow an operation across
+scheduler, sidecar and worker. Two ways to attach them:
+
+* ``log.warning(..., extra=fields(...))`` for one line (the scheduler, which
+  handles many operations at once);
+* ``with about(OperationFields(...)):`` around the handling of one operation
+  (the worker): every line logged meanwhile in that context, the trigger
+  function's own included, gets them through :class:`OperationFilter`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
-# Fields a log line about one operation carries (logger.info(..., extra={...})):
-# a collector can then follow an operation across scheduler, sidecar and worker.
-OPERATION_FIELDS = ("operation_id", "trigger_function", "attempt", "pool", "worker", "outcome", "duration_seconds")
+from damops import tracing
+
+# The fields a JSON line may carry beside time, level, logger and message.
+OPERATION_FIELDS = (
+    "operation_id",
+    "trigger_function",
+    "attempt",
+    "pool",
+    "worker",
+    "outcome",
+    "duration_seconds",
+    "trace_id",
+    "span_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFields:
+    """The operation a context is handling (one small object per operation, no dict)."""
+
+    operation_id: int
+    trigger_function: str | None = None
+    attempt: int | None = None
+    pool: str | None = None
+    worker: str | None = None
+
+
+_current: ContextVar[OperationFields | None] = ContextVar("damops_operation", default=None)
+
+
+@contextlib.contextmanager
+def about(operation: OperationFields) -> Iterator[None]:
+    """Every line logged in this context is about ``operation``."""
+    token = _current.set(operation)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current() -> OperationFields | None:
+    return _current.get()
+
+
+def fields(
+    operation_id: int,
+    trigger_function: str | None = None,
+    attempt: int | None = None,
+    pool: str | None = None,
+    worker: str | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    """``extra=`` for one line about an operation; unknown fields (None) are left out."""
+    given = {
+        "operation_id": operation_id,
+        "trigger_function": trigger_function,
+        "attempt": attempt,
+        "pool": pool,
+        "worker": worker,
+        **more,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+class OperationFilter(logging.Filter):
+    """Adds the current operation's fields (and trace ids, when tracing) to a
+    record that does not already carry them. Installed on the handler, so it
+    sees every record, whatever logger it came from."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        operation = _current.get()
+        if operation is not None:
+            for name in OperationFields.__slots__:
+                value = getattr(operation, name)
+                if value is not None and not hasattr(record, name):
+                    setattr(record, name, value)
+        if tracing.tracer is not None and not hasattr(record, "trace_id"):
+            ids = tracing.current_ids()
+            if ids is not None:
+                record.trace_id, record.span_id = ids
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,7 +118,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({name: getattr(record, name) for name in OPERATION_FIELDS if hasattr(record, name)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def setup_logging(default_level: str = "INFO") -> None:
@@ -34,6 +128,7 @@ def setup_logging(default_level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(OperationFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
+from damops import tracing
 from damops.config import pool_problem
 from damops.protocol import json_problem
 
@@ -174,9 +175,11 @@ def enqueue(
     return enqueue_many(conn, [op])[0]
 
 
+# trace_context: the producer's span (damops.tracing), one for the whole call.
 INSERT_SQL = """
-INSERT INTO damops.operations (trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key)
-SELECT trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key
+INSERT INTO damops.operations
+    (trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key, trace_context)
+SELECT trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key, %(trace_context)s::jsonb
 FROM unnest(%(trigger_functions)s::text[], %(inputs)s::jsonb[], %(pools)s::text[], %(priorities)s::int[],
             %(max_attempts)s::int[], %(run_afters)s::timestamptz[], %(unique_keys)s::text[])
      WITH ORDINALITY AS u(trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key, n)
@@ -193,8 +196,9 @@ WHERE unique_key = ANY(%(keys)s::text[]) AND status IN ('NEW', 'WAIT', 'PROCESSI
 """
 
 
-def insert_params(ops: Sequence[NewOperation]) -> dict[str, Any]:
+def insert_params(ops: Sequence[NewOperation], trace_context: dict[str, str] | None = None) -> dict[str, Any]:
     return {
+        "trace_context": Jsonb(trace_context) if trace_context else None,
         "trigger_functions": [op.trigger_function for op in ops],
         "inputs": [Jsonb(op.inputs) for op in ops],
         "pools": [op.pool for op in ops],
@@ -216,13 +220,21 @@ def enqueue_many(conn: psycopg.Connection, operations: Sequence[NewOperation] | 
         _check(op)
     if not ops:
         return []
+    with tracing.enqueue_span(ops) as span:
+        ids = _insert(conn, ops, span.trace_context if span is not None else None)
+        if span is not None:
+            span.enqueued(ids)
+    return ids
+
+
+def _insert(conn: psycopg.Connection, ops: list[NewOperation], trace_context: dict[str, str] | None) -> list[int]:
     ids: list[int | None] = [None] * len(ops)
     pending = list(range(len(ops)))
     # A key whose holder became final between our conflict and our read is
     # free again: insert those once more (rare; bounded by the producers' churn).
     for _ in range(10):
         batch = [ops[i] for i in pending]
-        rows = conn.execute(INSERT_SQL, insert_params(batch)).fetchall()
+        rows = conn.execute(INSERT_SQL, insert_params(batch, trace_context)).fetchall()
         by_key = {key: op_id for op_id, key in rows if key is not None}
         plain = iter(op_id for op_id, key in rows if key is None)
         missing_keys = []

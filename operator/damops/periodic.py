@@ -31,6 +31,7 @@ import psycopg
 import yaml
 from cronsim import CronSim, CronSimError
 
+from damops import logs
 from damops.operations import NewOperation, enqueue_many, operation_problem
 
 log = logging.getLogger("damops.periodic")
@@ -140,6 +141,7 @@ def run_periodic(conn: psycopg.Connection, schedules: list[Schedule], now: datet
                     "tick": tick.isoformat(),
                     "id": enqueued[schedule.name],
                 }
-            )
+            ),
+            extra=logs.fields(enqueued[schedule.name], schedule.trigger_function, pool=schedule.pool),
         )
     return enqueued

@@ -84,9 +84,12 @@ class Operation(_Message):
     trigger_function: str
     inputs: Any = None
     attempt: int
-    # Sent ahead to a busy worker (WORKER_PREFETCH): its sidecar holds it and
-    # starts it the moment the running one ends, or hands it back unrun.
-    prefetched: bool = False
+    # W3C trace context (traceparent, tracestate) the worker's run span continues
+    # (damops.tracing). Left out of the frame when None: untraced frames are unchanged.
+    trace_context: dict[str, Any] | None = Field(default=None, exclude_if=lambda value: value is None)
+    # Sent ahead to a busy worker (WORKER_PREFETCH): its sidecar holds it and starts
+    # it the moment the running one ends, or hands it back unrun. Left out when False.
+    prefetched: bool = Field(default=False, exclude_if=lambda value: not value)
 
 
 class StatusUpdate(_Message):

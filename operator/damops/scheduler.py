@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from damops import protocol, store
+from damops import logs, protocol, store, tracing
 from damops.channels import SidecarChannels
 from damops.config import Settings
 from damops.cycle import CONNECTION_ERRORS, DispatchCycle, first_line
@@ -192,7 +192,13 @@ class Scheduler:
                 raise protocol.ProtocolError(problem)
             self._channels.send(lease.worker, lease.operation(prefetched))
         except Exception as exc:  # noqa: BLE001 - too large, too deep...: fails this operation only
-            log.warning("operation %d cannot be sent to worker %s: %s", lease.id, lease.worker, exc)
+            log.warning(
+                "operation %d cannot be sent to worker %s: %s",
+                lease.id,
+                lease.worker,
+                exc,
+                extra=logs.fields(lease.id, lease.trigger_function or None, lease.attempt, self.pool, lease.worker),
+            )
             self._apply(self.table.undeliverable(lease, f"inputs cannot be sent to a worker: {exc}"))
 
     # --- the dispatch loop ------------------------------------------------------
@@ -236,6 +242,9 @@ class Scheduler:
         free = self.table.claimable() if self.claiming and not self._stopping else []
         started = time.monotonic()
         result = await self._cycle.run(self._writes, free)
+        if tracing.tracer is not None:  # claim spans; each lease then carries its span's context
+            result.claimed = tracing.claimed(result.claimed, self.pool, started)
+            result.resolved = tracing.claimed(result.resolved, self.pool, started)
         for lease in result.resolved:
             held = self.table.workers.get(lease.worker)
             if held is None or held.lease is None or held.lease.id != lease.id:

@@ -20,7 +20,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 
-from damops import protocol
+from damops import logs, protocol
 from damops.lifeline import die_with_parent
 from damops.loop import run as run_loop
 from damops.protocol import (
@@ -61,6 +61,7 @@ class Sidecar:
         self.boot = secrets.token_hex(8)
         self.terminating = False
         self._exit_timer: asyncio.TimerHandle | None = None
+        self.pool = os.environ.get("DAMOPS_POOL") or None  # for log lines only
 
     # --- servers -----------------------------------------------------------
 
@@ -104,6 +105,7 @@ class Sidecar:
                 "sidecar %s: SIGTERM, %s",
                 self.name,
                 "finishing its operation first" if self.assignment else "idle, exiting",
+                extra=self._about(self.assignment),
             )
         self.terminating = True
         self._hand_back("its sidecar is stopping")
@@ -155,7 +157,7 @@ class Sidecar:
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             reason = f"worker connection dropped: {exc or type(exc).__name__}"
             # Expected when both were told to stop; a warning otherwise.
-            (log.info if self.terminating else log.warning)("%s", reason)
+            (log.info if self.terminating else log.warning)("%s", reason, extra=self._about(self.assignment))
         finally:
             beat.cancel()
             self.worker = None
@@ -173,6 +175,12 @@ class Sidecar:
                 )
             self._hand_back("its worker went away before it started")
             self._exit_when_idle()
+
+    def _about(self, op: Operation | None) -> dict[str, object]:
+        """Log fields of the operation a line is about (none when idle)."""
+        if op is None:
+            return {}
+        return logs.fields(op.id, op.trigger_function, op.attempt, self.pool, self.name)
 
     # --- the scheduler side ------------------------------------------------
 

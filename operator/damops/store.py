@@ -58,7 +58,7 @@ FROM (
 ) AS claimed
 JOIN unnest(%(workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
 WHERE o.id = claimed.id
-RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker
+RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_context
 """
 
 # The outcome, decided once per row (`decided`, which also locks it), then
@@ -128,7 +128,7 @@ WHERE o.id = u.id AND o.status = 'PROCESSING'
 # rows PROCESSING for workers that were free when it was sent can only come
 # from that claim (minus those whose StatusUpdate is still to be written).
 RESOLVE_CLAIMS_SQL = """
-SELECT id, trigger_function, inputs, attempts, worker FROM damops.operations
+SELECT id, trigger_function, inputs, attempts, worker, trace_context FROM damops.operations
 WHERE status = 'PROCESSING' AND pool = %(pool)s AND worker = ANY(%(workers)s::text[])
   AND NOT id = ANY(%(settled)s::bigint[])
 """
@@ -253,8 +253,8 @@ def release_params(leases: Sequence[Lease], reason: str) -> dict[str, Any]:
 
 def lease_from_claim(row: Sequence[Any]) -> Lease:
     """A row of CLAIM_SQL or RESOLVE_CLAIMS_SQL as the lease it gives its worker."""
-    op_id, trigger_function, inputs, attempt, worker = row
-    return Lease(op_id, attempt, worker, trigger_function, inputs)
+    op_id, trigger_function, inputs, attempt, worker, trace_context = row
+    return Lease(op_id, attempt, worker, trigger_function, inputs, trace_context)
 
 
 def cancel_requested_params(pool: str) -> dict[str, Any]:

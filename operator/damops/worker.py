@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from damops import protocol
+from damops import logs, protocol, tracing
 from damops.lifeline import die_with_parent
+from damops.logs import OperationFields
 from damops.protocol import Cancel, Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
 from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
@@ -168,6 +169,7 @@ class WorkerRuntime:
         self._cancel = threading.Event()  # set when the running operation is cancelled
         self._running = False
         self._terminating = False
+        self.pool = os.environ.get("DAMOPS_POOL") or None  # set for worker pods and by damops run: for log lines
 
     def preload(self, names: list[str]) -> None:
         """Import trigger functions before saying Ready (pre-heating): the first
@@ -203,7 +205,7 @@ class WorkerRuntime:
                 self._cancel.clear()
                 self._running = True
                 try:
-                    channel.send_frame(self._frame(self.handle(message)))
+                    channel.send_frame(self._frame(self._observed(message)))
                 finally:
                     self._running = False
                     self._current = None
@@ -218,7 +220,11 @@ class WorkerRuntime:
         """A frame read while an operation runs: a Cancel for it takes effect now;
         the rest (a Shutdown, the next Operation) waits for the main loop."""
         if isinstance(message, Cancel) and (message.id, message.attempt) == self._current:
-            log.info("operation %d: cancel requested", message.id)
+            log.info(
+                "operation %d: cancel requested",
+                message.id,
+                extra=logs.fields(message.id, None, message.attempt, self.pool, self.name),
+            )
             self._cancel.set()
             return True
         return isinstance(message, Heartbeat)
@@ -278,6 +284,14 @@ class WorkerRuntime:
                 self._channel.send(Progress(id=operation_id, message=message, fraction=fraction))
 
         return report
+
+    def _observed(self, op: Operation) -> StatusUpdate:
+        """:meth:`handle`, with every line logged meanwhile (the trigger function's
+        too) naming the operation, and in a run span when tracing."""
+        with logs.about(OperationFields(op.id, op.trigger_function, op.attempt, self.pool, self.name)):
+            if tracing.tracer is None:
+                return self.handle(op)
+            return tracing.run(op, self.pool, self.name, self.handle)
 
     def handle(self, op: Operation) -> StatusUpdate:
         """Run one operation; every outcome becomes exactly one StatusUpdate
@@ -401,4 +415,5 @@ def _takes_context(function: Any) -> bool:
 
 def main(socket_path: str, secret: str, name: str | None = None) -> None:
     die_with_parent()
+    tracing.configure("worker")
     WorkerRuntime(socket_path, secret, name).run()

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -31,6 +30,7 @@ import pytest
 from damops.db import migrate
 from damops.operations import NewOperation, enqueue_many
 from tests.e2e import test_kubernetes as base  # its preflight skips us where there is no cluster
+from tests.support.k8s import ROOT, Images, Namespace, install_operator, uninstall_operator
 
 DB_URL, POD_DB_URL = base.DB_URL, base.POD_DB_URL
 RUN = uuid.uuid4().hex[:6]
@@ -39,33 +39,8 @@ RELEASE = f"damops-e2e-auto-{RUN}"
 WINDOW = 5  # scale-down stabilisation window of the pools here, seconds
 
 
-def kubectl(*args: str, check: bool = True, timeout: float = 60, stdin: str | None = None) -> Any:
-    proc = subprocess.run(["kubectl", "-n", NS, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def kjson(*args: str) -> Any:
-    return json.loads(kubectl(*args, "-o", "json").stdout)
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    dump = kubectl("get", "workerpools,pods", "-o", "wide", check=False).stdout
-    events = kubectl("get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n{dump}\n{events}")
-
-
-def live_pods(pool: str) -> list[dict[str, Any]]:
-    items = kjson("get", "pods", "-l", f"damops.dev/workerpool={pool},{base.WORKER_SELECTOR}")["items"]
-    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+CLUSTER = Namespace(NS)
+kubectl, kjson, wait_for, live_pods = CLUSTER.kubectl, CLUSTER.kjson, CLUSTER.wait_for, CLUSTER.live_pods
 
 
 def status(name: str) -> dict[str, Any]:
@@ -114,43 +89,27 @@ def autoscaled_events(name: str) -> list[str]:
 def operator_release() -> Any:
     migrate(DB_URL)
     # helm installs a chart's CRDs only when they are missing: bring an older one up to this schema
-    crd = base.ROOT / "crds" / "workerpools.damops.dev.yaml"
+    crd = ROOT / "crds" / "workerpools.damops.dev.yaml"
     subprocess.run(["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(crd)], check=True, timeout=60)
-    subprocess.run(["kubectl", "create", "namespace", NS], check=True, capture_output=True, timeout=30)
-    repo, tag = base.OPERATOR_IMAGE.rsplit(":", 1)
-    wrepo, wtag = base.WORKER_IMAGE.rsplit(":", 1)
-    sets = {
-        "database.url": POD_DB_URL,
-        "image.operator.repository": repo,
-        "image.operator.tag": tag,
-        "image.operator.pullPolicy": base.PULL_POLICY,
-        "image.worker.repository": wrepo,
-        "image.worker.tag": wtag,
-        "operator.watchNamespaces": f"{{{NS}}}",
-        "operator.peering.name": f"damops-e2e-auto-{RUN}",
-        "operator.logFormat": "plain",
-        "operator.resources.requests.cpu": "50m",
-    }
-    strings = {
-        "configuration.digitalAssetManagement.schedulerHeartbeat": "500ms",
-        "configuration.digitalAssetManagement.maxOperationProcessingTime": "60s",
-        "configuration.digitalAssetManagement.shutdownGrace": "5s",
-    }
-    cmd = ["helm", "upgrade", "--install", RELEASE, str(base.CHART), "-n", NS, "--wait", "--timeout", "240s"]
-    cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    cmd += [a for k, v in strings.items() for a in ("--set-string", f"{k}={v}")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = install_operator(
+        CLUSTER,
+        RELEASE,
+        POD_DB_URL,
+        Images.from_env(),
+        sets={"operator.resources.requests.cpu": "50m"},
+        strings={
+            "configuration.digitalAssetManagement.schedulerHeartbeat": "500ms",
+            "configuration.digitalAssetManagement.maxOperationProcessingTime": "60s",
+            "configuration.digitalAssetManagement.shutdownGrace": "5s",
+        },
+    )
     if proc.returncode != 0:
         logs = kubectl("logs", "-l", "app.kubernetes.io/component=operator", "--tail=80", check=False).stdout
         pytest.fail(f"helm install failed: {proc.stderr}\n{logs}")
     yield RELEASE
     if os.environ.get("DAMOPS_E2E_KEEP"):
         return
-    kubectl("delete", "workerpools", "--all", "--wait=true", "--timeout=60s", check=False, timeout=90)
-    kubectl("scale", f"deployment/{RELEASE}-operator", "--replicas=0", check=False)
-    kubectl("wait", "pod", "-l", "app.kubernetes.io/component=operator", "--for=delete", "--timeout=60s", check=False)
-    subprocess.run(["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "60s"], capture_output=True)
-    subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
+    uninstall_operator(CLUSTER, RELEASE)
 
 
 @pytest.fixture

@@ -23,14 +23,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "damops"
 
 
 def _skip(reason: str) -> None:
@@ -62,69 +58,32 @@ import psycopg  # noqa: E402
 
 from damops.db import migrate  # noqa: E402
 from damops.operations import NewOperation, enqueue_many  # noqa: E402
+from tests.support.k8s import (  # noqa: E402
+    CHART,
+    Images,
+    Namespace,
+    condition,
+    install_operator,
+    pod_ready,
+    uninstall_operator,
+)
 
 DB_URL = os.environ["DAMOPS_E2E_DATABASE_URL"]
 POD_DB_URL = os.environ["DAMOPS_E2E_POD_DATABASE_URL"]
-WORKER_IMAGE = os.environ.get("DAMOPS_E2E_IMAGE_WORKER", "localhost/damops-worker:dev")
-OPERATOR_IMAGE = os.environ.get("DAMOPS_E2E_IMAGE_OPERATOR", "localhost/damops-operator:dev")
-PULL_POLICY = os.environ.get("DAMOPS_E2E_PULL_POLICY", "IfNotPresent")
+IMAGES = Images.from_env()
+WORKER_IMAGE, PULL_POLICY = IMAGES.worker, IMAGES.pull_policy
 RUN = uuid.uuid4().hex[:6]
 NS = f"damops-e2e-{RUN}"
 RELEASE = f"damops-e2e-{RUN}"
-WORKER_SELECTOR = "app.kubernetes.io/component=worker"
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def kubectl(
-    *args: str, check: bool = True, timeout: float = 60, stdin: str | None = None
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["kubectl", "-n", NS, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def kjson(*args: str) -> Any:
-    return json.loads(kubectl(*args, "-o", "json").stdout)
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 180, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    dump = kubectl("get", "workerpools,pods", "-o", "wide", check=False).stdout
-    events = kubectl("get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})\n{dump}\n{events}")
-
-
-def pods(pool: str) -> list[dict[str, Any]]:
-    return kjson("get", "pods", "-l", f"damops.dev/workerpool={pool},{WORKER_SELECTOR}")["items"]
-
-
-def live_pods(pool: str) -> list[dict[str, Any]]:
-    return [p for p in pods(pool) if not p["metadata"].get("deletionTimestamp")]
-
-
-def pod_ready(pod: dict[str, Any]) -> bool:
-    conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
-    return conds.get("Ready") == "True"
-
-
-def workerpool(name: str) -> dict[str, Any]:
-    return kjson("get", "workerpool", name)
-
-
-def condition(wp: dict[str, Any], ctype: str) -> str | None:
-    for c in (wp.get("status") or {}).get("conditions", []):
-        if c["type"] == ctype:
-            return c["status"]
-    return None
+CLUSTER = Namespace(NS)
+kubectl, kjson, wait_for = CLUSTER.kubectl, CLUSTER.kjson, CLUSTER.wait_for
+pods, live_pods, workerpool = CLUSTER.pods, CLUSTER.live_pods, CLUSTER.workerpool
+operator_pod, operator_metrics = CLUSTER.operator_pod, CLUSTER.operator_metrics
 
 
 _APPLIED: set[str] = set()  # pools created by the running test; deleted when it ends, pass or fail
@@ -203,50 +162,19 @@ def delete_pool(name: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def operator_release() -> Any:
     migrate(DB_URL)
-    subprocess.run(["kubectl", "create", "namespace", NS], check=True, capture_output=True, timeout=30)
-    repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
-    wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
-    cmd = [
-        "helm",
-        "upgrade",
-        "--install",
+    proc = install_operator(
+        CLUSTER,
         RELEASE,
-        str(CHART),
-        "-n",
-        NS,
-        "--wait",
-        "--timeout",
-        "240s",
-        "--set",
-        f"database.url={POD_DB_URL}",
-        "--set",
-        f"image.operator.repository={repo}",
-        "--set",
-        f"image.operator.tag={tag}",
-        "--set",
-        f"image.operator.pullPolicy={PULL_POLICY}",
-        "--set",
-        f"image.worker.repository={wrepo}",
-        "--set",
-        f"image.worker.tag={wtag}",
-        "--set",
-        f"operator.watchNamespaces={{{NS}}}",
-        "--set",
-        f"operator.peering.name=damops-e2e-{RUN}",
-        "--set",
-        "operator.logFormat=plain",
-        "--set-string",
-        "configuration.digitalAssetManagement.schedulerHeartbeat=500ms",
-        "--set-string",
-        "configuration.digitalAssetManagement.maxOperationProcessingTime=60s",
-        "--set-string",
-        "configuration.digitalAssetManagement.housekeepingInterval=2s",
-        "--set-string",
-        "configuration.digitalAssetManagement.shutdownGrace=5s",
-        "--set",
-        "operator.resources.requests.cpu=50m",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        POD_DB_URL,
+        IMAGES,
+        sets={"operator.resources.requests.cpu": "50m"},
+        strings={
+            "configuration.digitalAssetManagement.schedulerHeartbeat": "500ms",
+            "configuration.digitalAssetManagement.maxOperationProcessingTime": "60s",
+            "configuration.digitalAssetManagement.housekeepingInterval": "2s",
+            "configuration.digitalAssetManagement.shutdownGrace": "5s",
+        },
+    )
     if proc.returncode != 0:
         logs = kubectl("logs", "-l", "app.kubernetes.io/component=operator", "--tail=80", check=False).stdout
         pods_out = kubectl("get", "pods", "-o", "wide", check=False).stdout
@@ -254,23 +182,7 @@ def operator_release() -> Any:
     yield RELEASE
     if os.environ.get("DAMOPS_E2E_KEEP"):
         return
-    kubectl("delete", "workerpools", "--all", "--wait=true", "--timeout=120s", check=False, timeout=150)
-    # stop the operator while its RBAC still exists, so it can leave the peering cleanly
-    kubectl("scale", f"deployment/{RELEASE}-operator", "--replicas=0", check=False)
-    kubectl(
-        "wait",
-        "pod",
-        "-l",
-        "app.kubernetes.io/component=operator",
-        "--for=delete",
-        "--timeout=120s",
-        check=False,
-        timeout=150,
-    )
-    subprocess.run(
-        ["helm", "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s"], capture_output=True, timeout=150
-    )
-    subprocess.run(["kubectl", "delete", "namespace", NS, "--wait=false"], capture_output=True, timeout=60)
+    uninstall_operator(CLUSTER, RELEASE)
 
 
 @pytest.fixture(autouse=True)
@@ -435,12 +347,6 @@ def test_worker_pod_deleted_mid_operation_is_recovered() -> None:
     assert victim_uid not in {p["metadata"]["uid"] for p in live_pods(name)}
 
 
-def operator_pod() -> dict[str, Any] | None:
-    items = kjson("get", "pods", "-l", "app.kubernetes.io/component=operator")["items"]
-    ready = [p for p in items if not p["metadata"].get("deletionTimestamp") and pod_ready(p)]
-    return ready[0] if len(ready) == 1 else None
-
-
 def test_operator_restart_adopts_operations_in_flight(claim_log: Any) -> None:
     """The operator is restarted while every worker runs a long operation. The old one gives
     them SHUTDOWN_GRACE (5 s here), then puts them back in the queue; the new one adopts the
@@ -534,20 +440,6 @@ def test_template_change_replaces_free_workers_in_rolling_fashion() -> None:
     assert min_ready >= 2, "capacity dropped below replicas during the rolling replacement"
 
 
-def operator_metrics() -> dict[str, float]:
-    """The operator's Prometheus samples (through the API server's pod proxy: works wherever kubectl does)."""
-    pod = operator_pod()
-    assert pod is not None
-    path = f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}:9090/proxy/metrics"
-    text = subprocess.run(["kubectl", "get", "--raw", path], capture_output=True, text=True, timeout=30, check=True)
-    samples = {}
-    for line in text.stdout.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
 def test_an_idle_pool_asks_the_api_server_nothing_per_round() -> None:
     """Rounds read the pods from the watch (a kopf index), not from a LIST."""
     name = f"idle-{RUN}"
@@ -583,3 +475,110 @@ def test_deleting_the_pool_deletes_its_pods() -> None:
         lambda: kubectl("get", "secret", f"{name}-damops-channel", check=False).returncode != 0,
         60,
     )
+
+
+TRIGGER_MODULE = """
+def shout(inputs):
+    return {"text": inputs["text"].upper()}
+"""
+
+
+def test_trigger_code_from_a_configmap_volume_runs_with_the_pools_security_context() -> None:
+    """spec.volumes/volumeMounts bring trigger-function code into the worker (on extraPythonPath);
+    spec.podSecurityContext/securityContext replace the pod's defaults."""
+    name = f"volume-{RUN}"
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-code", "namespace": NS},
+        "data": {"e2e_thumbs.py": TRIGGER_MODULE},
+    }
+    kubectl("apply", "-f", "-", stdin=json.dumps(configmap))
+    apply_pool(
+        name,
+        1,
+        volumes=[{"name": "code", "configMap": {"name": f"{name}-code"}}],
+        volumeMounts=[{"name": "code", "mountPath": "/opt/damops-code", "readOnly": True}],
+        triggerFunctions={"extraPythonPath": ["/opt/damops-code"]},
+        env=[{"name": "DAMOPS_ALLOWED_TRIGGERS", "value": "e2e_thumbs"}],
+        podSecurityContext={"runAsNonRoot": True, "runAsUser": 10002, "runAsGroup": 10002, "fsGroup": 10002},
+        securityContext={"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+    )
+    wait_ready(name, 1)
+    pod = live_pods(name)[0]
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10002
+    [op_id] = enqueue(name, "e2e_thumbs:shout", 1, {"text": "from a volume"})
+    [row] = wait_all_final([op_id], timeout=120)
+    assert row["status"] == "SUCCESS", row
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        result = conn.execute("SELECT result FROM damops.operations WHERE id = %s", (op_id,)).fetchone()[0]
+    assert result == {"text": "FROM A VOLUME"}, result
+    kubectl("delete", "configmap", f"{name}-code", check=False)
+
+
+def test_helm_test_enqueues_an_operation_and_sees_it_succeed() -> None:
+    # no --logs: the hooks are deleted when they succeed, and one of them is a WorkerPool, not a pod
+    proc = subprocess.run(
+        ["helm", "test", RELEASE, "-n", NS, "--timeout", "240s"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"TEST SUITE:     {RELEASE}-test-operation" in proc.stdout and "Phase:          Succeeded" in proc.stdout
+    with psycopg.connect(DB_URL, autocommit=True) as conn:
+        done = conn.execute(
+            "SELECT status FROM damops.operations WHERE pool = %s AND inputs @> '{\"helm_test\": true}'",
+            (f"{RELEASE}-helm-test",),
+        ).fetchall()
+    assert done == [("SUCCESS",)], f"the helm test's operation: {done}"
+
+
+def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> None:
+    """The documented upgrade: CRDs first (server-side apply), then `helm upgrade --reuse-values`.
+    The operator is replaced; the pool's pods are adopted, not recreated, and keep working."""
+    name = f"upgrade-{RUN}"
+    apply_pool(name, 2)
+    wait_ready(name, 2)
+    uids = {p["metadata"]["uid"] for p in live_pods(name)}
+    old = operator_pod()
+    assert old is not None
+    crds = subprocess.run(
+        ["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert crds.returncode == 0, crds.stderr
+    assert "workerpools.damops.dev serverside-applied" in crds.stdout, crds.stdout
+    schema = json.loads(
+        subprocess.run(
+            ["kubectl", "get", "crd", "workerpools.damops.dev", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    )["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert "volumeMounts" in schema and "topologySpreadConstraints" in schema
+    proc = subprocess.run(
+        ["helm", "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--wait", "--timeout", "240s"]
+        + ["--set", f"operator.podAnnotations.damops-e2e/upgraded={RUN}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    history = json.loads(
+        subprocess.run(
+            ["helm", "history", RELEASE, "-n", NS, "-o", "json"], capture_output=True, text=True, timeout=60
+        ).stdout
+    )
+    assert history[-1]["status"] == "deployed" and history[-1]["revision"] >= 2, history
+    new = wait_for(
+        "the upgraded operator pod Ready",
+        lambda: (p := operator_pod()) and p["metadata"]["name"] != old["metadata"]["name"] and p,
+        120,
+    )
+    assert new["metadata"]["annotations"].get("damops-e2e/upgraded") == RUN
+    wait_ready(name, 2)
+    assert {p["metadata"]["uid"] for p in live_pods(name)} == uids, "the upgrade recreated the pool's pods"
+    ids = enqueue(name, "noop", 20)
+    assert all(r["status"] == "SUCCESS" for r in wait_all_final(ids, timeout=120)), statuses(ids)

@@ -269,14 +269,15 @@ def test_operator_scheduling_volumes_and_env_values() -> None:
 
 
 def _exported_metric_names() -> set[str]:
-    """The sample names the operator's metrics produce (counters end in _total)."""
+    """The sample names the operator's endpoint serves: its own and the engine's (counters end in _total)."""
     pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
     from prometheus_client.metrics import MetricWrapperBase
 
+    from damops import metrics as engine_metrics
     from damops.k8s import metrics
 
     names: set[str] = set()
-    for obj in vars(metrics).values():
+    for obj in [*vars(metrics).values(), *vars(engine_metrics).values()]:
         if isinstance(obj, MetricWrapperBase):
             for family in obj.describe():
                 suffixes = {
@@ -332,7 +333,7 @@ def test_prometheus_rule_alerts_use_metrics_the_operator_exports() -> None:
     assert {
         "DamopsOperatorDown",
         "DamopsQueueNotDraining",
-        "DamopsDispatchLatencyHigh",
+        "DamopsQueueLatencyHigh",
         "DamopsOperationFailureRateHigh",
         "DamopsWorkersNotReady",
         "DamopsNoReadyWorkers",

@@ -299,6 +299,8 @@ def test_only_one_instance_runs_housekeeping_at_a_time(database_url, conn):
         assert recover_expired_operations(conn, 60) is None
         assert cleanup_failed_operations(conn, 24, 20000) is None
         assert row_of(conn, op_id)["status"] == "PROCESSING"
+        # released here, synchronously: a closed connection's backend lets go of it only some time later
+        holder.execute("SELECT pg_advisory_unlock(%s)", (HOUSEKEEPING_LOCK_KEY,))
     assert recover_expired_operations(conn, 60) == {op_id: "NEW"}
 
 

@@ -23,7 +23,7 @@ from damops.k8s.housekeepers import Housekeepers
 from damops.k8s.kube import Kube
 from damops.k8s.pods import ObservedPod, observe_pod
 from damops.k8s.pool import OperatorState, PoolRuntime, ensure_secret, parse_spec
-from damops.k8s.specs import DEFAULT_IMAGE, LABEL_COMPONENT, LABEL_POOL, WORKER_COMPONENT
+from damops.k8s.specs import LABEL_COMPONENT, LABEL_POOL, WORKER_COMPONENT, WorkerDefaults
 
 log = logging.getLogger("damops.operator")
 
@@ -62,11 +62,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.damops = OperatorState(
         settings=op_settings,
         kube=await asyncio.to_thread(Kube),
-        default_image=os.environ.get("DAMOPS_WORKER_IMAGE", DEFAULT_IMAGE),
+        worker_defaults=WorkerDefaults.from_env(os.environ),
         housekeepers=Housekeepers(op_settings),
     )
     metrics.start_server()
-    log.info("damops operator started (default worker image %s)", memo.damops.default_image)
+    log.info(
+        "damops operator started (default worker image %s, pull policy %s)",
+        memo.damops.worker_defaults.image,
+        memo.damops.worker_defaults.pull_policy,
+    )
 
 
 @kopf.on.cleanup()

@@ -5,7 +5,7 @@
 
 With no ``--namespace`` it watches all namespaces (cluster-wide peering).
 Environment: DATABASE_URL and the timing variables (see damops.config),
-DAMOPS_WORKER_IMAGE (default worker image), DAMOPS_METRICS_PORT (9090),
+DAMOPS_WORKER_IMAGE and DAMOPS_WORKER_IMAGE_PULL_POLICY (defaults of WorkerPools), DAMOPS_METRICS_PORT (9090),
 DAMOPS_WATCH_NAMESPACES (comma-separated, same as --namespace).
 """
 
@@ -56,8 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import kopf
 
     from damops.config import load_settings
+    from damops.k8s.specs import WorkerDefaults
 
     load_settings()  # a bad setting stops start-up here, with the variable's name
+    WorkerDefaults.from_env(os.environ)
     logging.getLogger().handlers.clear()  # one handler, kopf's (plain or JSON), for every logger
     kopf.configure(
         verbose=args.verbose,

@@ -1,4 +1,8 @@
-"""Prometheus metrics of the operator (served on DAMOPS_METRICS_PORT, default 9090)."""
+"""Prometheus metrics of the operator (served on DAMOPS_METRICS_PORT, default 9090).
+
+Per WorkerPool and per API verb here; the engine's histograms (enqueue → start,
+execution time by pool and trigger function) come from damops.metrics, on the same endpoint.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +30,6 @@ CLAIMED = Counter("damops_operations_claimed", "Operations claimed for workers",
 SUCCEEDED = Counter("damops_operations_succeeded", "Operations that reached SUCCESS", _LABELS)
 FAILED = Counter("damops_operations_failed", "Operations that reached FAILED", _LABELS)
 RETRIED = Counter("damops_operations_retried", "Operations given back for another attempt", _LABELS)
-DISPATCH_LATENCY = Counter(
-    "damops_dispatch_latency_seconds_sum",
-    "Sum of enqueue→dispatch latencies; divide by damops_operations_claimed_total for the mean",
-    _LABELS,
-)
 WORKER_RESTARTS = Counter("damops_worker_restarts", "Worker pods replaced by the operator", _LABELS + ("reason",))
 ROUNDS = Counter("damops_reconcile_rounds", "Reconcile rounds of a WorkerPool's daemon", _LABELS)
 API_REQUESTS = Counter(
@@ -42,7 +41,6 @@ _STATS = {
     "succeeded": SUCCEEDED,
     "failed": FAILED,
     "retried": RETRIED,
-    "dispatch_latency_seconds_total": DISPATCH_LATENCY,
 }
 
 _started = False

@@ -209,6 +209,11 @@ class Autoscaling(_Model):
         return self
 
 
+#: volumes and mount paths every worker pod has (the sidecar's socket directory, a writable /tmp)
+RESERVED_VOLUMES = frozenset({"damops-run", "tmp"})
+RESERVED_MOUNT_PATHS = frozenset({"/run/damops", "/tmp"})
+
+
 class WorkerPoolSpec(_Model):
     """Desired state of a pool of pre-heated worker pods."""
 
@@ -226,8 +231,9 @@ class WorkerPoolSpec(_Model):
         max_length=512,
         description="Worker image (sidecar + worker runtime + trigger functions); default: the operator's.",
     )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        default="IfNotPresent", description="Pull policy of both containers."
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None,
+        description="Pull policy of both containers; default: the operator's (Helm image.worker.pullPolicy).",
     )
     image_pull_secrets: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="Names of Secrets used to pull the image."
@@ -246,6 +252,31 @@ class WorkerPoolSpec(_Model):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[KubeObject] = Field(default_factory=list, description="Pod tolerations.")
     affinity: KubeObject | None = Field(default=None, description="Pod affinity.")
+    topology_spread_constraints: list[KubeObject] = Field(
+        default_factory=list, max_length=32, description="Pod topologySpreadConstraints."
+    )
+    volumes: list[KubeObject] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra pod volumes (e.g. a ConfigMap or PVC with trigger-function code for extraPythonPath).",
+    )
+    volume_mounts: list[KubeObject] = Field(
+        default_factory=list, max_length=64, description="Extra volumeMounts of the worker container."
+    )
+    pod_security_context: KubeObject | None = Field(
+        default=None,
+        description=(
+            "Replaces the pod securityContext (default: runAsNonRoot, UID/GID/fsGroup 10001, RuntimeDefault "
+            "seccomp); {} leaves the UID to the platform, as OpenShift's restricted policy wants."
+        ),
+    )
+    security_context: KubeObject | None = Field(
+        default=None,
+        description=(
+            "Replaces the securityContext of both containers (default: non-root, read-only root filesystem, "
+            "no privilege escalation, all capabilities dropped, RuntimeDefault seccomp)."
+        ),
+    )
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the worker pods.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on the worker pods.")
     service_account_name: str | None = Field(
@@ -268,6 +299,16 @@ class WorkerPoolSpec(_Model):
         default=None,
         description="Scale on the queue depth between minReplicas and maxReplicas (spec.replicas is then ignored).",
     )
+
+    @model_validator(mode="after")
+    def _own_names_kept(self) -> WorkerPoolSpec:
+        taken = sorted({str(v.get("name")) for v in self.volumes} & RESERVED_VOLUMES)
+        if taken:
+            raise ValueError(f"volume name(s) {', '.join(taken)} are the pod's own; pick another name")
+        clash = sorted({str(m.get("mountPath")) for m in self.volume_mounts} & RESERVED_MOUNT_PATHS)
+        if clash:
+            raise ValueError(f"mountPath {', '.join(clash)} is the pod's own; pick another path")
+        return self
 
     def pool_name(self, resource_name: str) -> str:
         return self.pool or resource_name

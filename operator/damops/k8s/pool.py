@@ -43,6 +43,7 @@ from damops.k8s.specs import (
     ANNOTATION_DRAINING,
     SECRET_KEY,
     SIDECAR_PORT,
+    WorkerDefaults,
     build_secret_spec,
     build_worker_pod_spec,
     pod_template,
@@ -72,7 +73,7 @@ class OperatorState:
 
     settings: Settings
     kube: Kube
-    default_image: str
+    worker_defaults: WorkerDefaults
     housekeepers: Housekeepers
     pools: dict[tuple[str, str], PoolRuntime] = field(default_factory=dict)
 
@@ -217,7 +218,7 @@ class PoolRuntime:
                 scheduler.drain_worker(worker)
             states = scheduler_states(scheduler.snapshot().workers)
 
-        digest = template_hash(pod_template(self.name, spec, self.op.default_image))
+        digest = template_hash(pod_template(self.name, spec, self.op.worker_defaults))
         workers = with_worker_states(infos, states)
         pool = spec.pool_name(self.name)
         try:
@@ -344,7 +345,7 @@ class PoolRuntime:
                 if action.kind is ActionKind.CREATE:
                     if scheduler is None:
                         continue  # pre-heat only what a running scheduler can use
-                    body = build_worker_pod_spec(self.name, ns, self.uid, spec, self.op.default_image)
+                    body = build_worker_pod_spec(self.name, ns, self.uid, spec, self.op.worker_defaults)
                     created = await kube.create_pod(ns, body)
                     self.expectations.expect_created(pod_info(created), time.monotonic())
                 elif action.kind is ActionKind.DELETE:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets as _secrets
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from damops.config import ConfigError
 from damops.k8s import API_VERSION, KIND
 from damops.k8s.models import WorkerPoolSpec
 
@@ -34,6 +37,24 @@ COST_BUSY = "1000"
 WORKER_COMPONENT = "worker"
 MANAGED_BY = "damops-operator"
 DEFAULT_IMAGE = "localhost/damops-worker:dev"
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+PULL_POLICIES: tuple[PullPolicy, ...] = ("Always", "IfNotPresent", "Never")
+
+
+@dataclass(frozen=True)
+class WorkerDefaults:
+    """What a WorkerPool gets when its spec leaves image or pull policy out (the operator's settings)."""
+
+    image: str = DEFAULT_IMAGE
+    pull_policy: PullPolicy = "IfNotPresent"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerDefaults:
+        """DAMOPS_WORKER_IMAGE and DAMOPS_WORKER_IMAGE_PULL_POLICY, as the chart sets them."""
+        policy = env.get("DAMOPS_WORKER_IMAGE_PULL_POLICY") or cls.pull_policy
+        if policy not in PULL_POLICIES:
+            raise ConfigError(f"DAMOPS_WORKER_IMAGE_PULL_POLICY={policy!r}: expected one of {', '.join(PULL_POLICIES)}")
+        return cls(image=env.get("DAMOPS_WORKER_IMAGE") or DEFAULT_IMAGE, pull_policy=policy)
 
 
 def selector_labels(pool_resource: str) -> dict[str, str]:
@@ -91,13 +112,25 @@ def _security_context() -> dict[str, Any]:
     }
 
 
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def _secret_env(name: str) -> dict[str, Any]:
     return {"name": "DAMOPS_SECRET", "valueFrom": {"secretKeyRef": {"name": secret_name(name), "key": SECRET_KEY}}}
 
 
-def pod_template(name: str, spec: WorkerPoolSpec, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+def pod_template(name: str, spec: WorkerPoolSpec, defaults: WorkerDefaults = WorkerDefaults()) -> dict[str, Any]:
     """The pod template (metadata labels/annotations + pod spec) of a WorkerPool, without the hash."""
-    image = spec.image or default_image
+    image = spec.image or defaults.image
+    pull_policy = spec.image_pull_policy or defaults.pull_policy
+    container_security = dict(spec.security_context) if spec.security_context is not None else _security_context()
     pool = spec.pool_name(name)
     common_env = [
         _secret_env(name),
@@ -117,7 +150,7 @@ def pod_template(name: str, spec: WorkerPoolSpec, default_image: str = DEFAULT_I
     sidecar = {
         "name": "sidecar",
         "image": image,
-        "imagePullPolicy": spec.image_pull_policy,
+        "imagePullPolicy": pull_policy,
         "command": ["damops", "sidecar"],
         "args": [
             "--name",
@@ -145,18 +178,18 @@ def pod_template(name: str, spec: WorkerPoolSpec, default_image: str = DEFAULT_I
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
-        "securityContext": _security_context(),
+        "securityContext": container_security,
         "volumeMounts": mounts,
     }
     worker = {
         "name": "worker",
         "image": image,
-        "imagePullPolicy": spec.image_pull_policy,
+        "imagePullPolicy": pull_policy,
         "command": ["damops", "worker"],
         "args": ["--name", "$(POD_NAME)", "--socket", SOCKET_PATH],
         "env": worker_env,
-        "securityContext": _security_context(),
-        "volumeMounts": mounts,
+        "securityContext": dict(container_security),
+        "volumeMounts": [*mounts, *spec.volume_mounts],
     }
     if spec.env_from:
         worker["envFrom"] = list(spec.env_from)
@@ -169,17 +202,14 @@ def pod_template(name: str, spec: WorkerPoolSpec, default_image: str = DEFAULT_I
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 10001,
-            "runAsGroup": 10001,
-            "fsGroup": 10001,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": (
+            dict(spec.pod_security_context) if spec.pod_security_context is not None else _pod_security_context()
+        ),
         "containers": [sidecar, worker],
         "volumes": [
             {"name": "damops-run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+            *spec.volumes,
         ],
     }
     if spec.node_selector:
@@ -188,6 +218,8 @@ def pod_template(name: str, spec: WorkerPoolSpec, default_image: str = DEFAULT_I
         pod_spec["tolerations"] = list(spec.tolerations)
     if spec.affinity:
         pod_spec["affinity"] = dict(spec.affinity)
+    if spec.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = list(spec.topology_spread_constraints)
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.priority_class_name:
@@ -212,10 +244,10 @@ def build_worker_pod_spec(
     namespace: str,
     owner_uid: str,
     spec: WorkerPoolSpec,
-    default_image: str = DEFAULT_IMAGE,
+    defaults: WorkerDefaults = WorkerDefaults(),
 ) -> dict[str, Any]:
     """One worker pod of the WorkerPool ``name`` (a generateName'd Pod manifest)."""
-    template = pod_template(name, spec, default_image)
+    template = pod_template(name, spec, defaults)
     digest = template_hash(template)
     labels = {
         **template["labels"],

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
+from damops.config import ConfigError
 from damops.k8s.models import WorkerPoolSpec
 from damops.k8s.specs import (
     LABEL_HASH,
+    WorkerDefaults,
     build_secret_spec,
     build_worker_pod_spec,
     selector_labels,
@@ -91,3 +96,62 @@ def test_channel_secret() -> None:
     assert len(s1["stringData"]["secret"]) >= 32 and s1["stringData"]["secret"] != s2["stringData"]["secret"]
     assert s1["metadata"]["ownerReferences"][0]["uid"] == "u"
     assert build_secret_spec("wp", "ns", "u", "fixed")["stringData"]["secret"] == "fixed"
+
+
+def test_volumes_security_and_spread_overrides_reach_the_pod() -> None:
+    spec = WorkerPoolSpec.model_validate(
+        {
+            "volumes": [{"name": "code", "configMap": {"name": "trigger-code"}}],
+            "volumeMounts": [{"name": "code", "mountPath": "/opt/triggers", "readOnly": True}],
+            "triggerFunctions": {"extraPythonPath": ["/opt/triggers"]},
+            "podSecurityContext": {},
+            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
+            "topologySpreadConstraints": [
+                {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"}
+            ],
+        }
+    )
+    pod = build_worker_pod_spec("wp", "ns", "u", spec)["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert {"name": "code", "configMap": {"name": "trigger-code"}} in pod["volumes"]
+    assert {"name": "damops-run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}} in pod["volumes"]
+    worker_mounts = containers["worker"]["volumeMounts"]
+    assert {"name": "code", "mountPath": "/opt/triggers", "readOnly": True} in worker_mounts
+    assert all(m["name"] != "code" for m in containers["sidecar"]["volumeMounts"]), "the sidecar runs no user code"
+    assert pod["securityContext"] == {}, "{} leaves the UID to the platform (OpenShift restricted)"
+    for c in containers.values():
+        assert c["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_default_security_contexts_without_overrides() -> None:
+    pod = build_worker_pod_spec("wp", "ns", "u", WorkerPoolSpec())["spec"]
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["fsGroup"] == 10001
+    assert "topologySpreadConstraints" not in pod
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("volumes", [{"name": "tmp", "emptyDir": {}}], "tmp"),
+        ("volumeMounts", [{"name": "x", "mountPath": "/run/damops"}], "/run/damops"),
+    ],
+)
+def test_the_pods_own_volumes_cannot_be_replaced(field: str, value: list, named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        WorkerPoolSpec.model_validate({field: value})
+
+
+def test_pull_policy_defaults_to_the_operators_and_the_spec_wins() -> None:
+    defaults = WorkerDefaults.from_env({"DAMOPS_WORKER_IMAGE": "reg/w:1", "DAMOPS_WORKER_IMAGE_PULL_POLICY": "Always"})
+    pod = build_worker_pod_spec("wp", "ns", "u", WorkerPoolSpec(), defaults)
+    assert {c["imagePullPolicy"] for c in pod["spec"]["containers"]} == {"Always"}
+    assert {c["image"] for c in pod["spec"]["containers"]} == {"reg/w:1"}
+    pinned = build_worker_pod_spec("wp", "ns", "u", WorkerPoolSpec(imagePullPolicy="Never"), defaults)
+    assert {c["imagePullPolicy"] for c in pinned["spec"]["containers"]} == {"Never"}
+    assert WorkerDefaults.from_env({}) == WorkerDefaults()
+
+
+def test_bad_pull_policy_stops_start_up_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="DAMOPS_WORKER_IMAGE_PULL_POLICY"):
+        WorkerDefaults.from_env({"DAMOPS_WORKER_IMAGE_PULL_POLICY": "Sometimes"})
