@@ -90,20 +90,30 @@ class ExperimentSupervisor(LocalSupervisor):
 def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSupervisor]:
     if not uvloop and not child_env:
         return LocalSupervisor
-    return type("Supervisor", (ExperimentSupervisor,), {"uvloop": uvloop, "extra_env": dict(child_env)})
+    # uvloop children are started by command line (``_command``), not forked from the zygote.
+    attributes = {"uvloop": uvloop, "extra_env": dict(child_env), "fork": LocalSupervisor.fork and not uvloop}
+    return type("Supervisor", (ExperimentSupervisor,), attributes)
 
 
 class DamopsPool:
     """One pool of pre-heated workers with its scheduler, as ``damops run`` starts them."""
 
     def __init__(
-        self, url: str, workers: int, pool: str, uvloop: bool = False, child_env: dict[str, str] | None = None
+        self,
+        url: str,
+        workers: int,
+        pool: str,
+        uvloop: bool = False,
+        child_env: dict[str, str] | None = None,
+        prefetch: bool = False,
     ) -> None:
         self.url = url
         self.workers = workers
         self.pool = pool
         self.secret = secrets.token_hex(16)
-        self.settings = Settings(database_url=url, worker_count=workers, pool=pool, secret=self.secret)
+        self.settings = Settings(
+            database_url=url, worker_count=workers, pool=pool, secret=self.secret, worker_prefetch=prefetch
+        )
         self.scheduler = Scheduler(self.settings, url, secret=self.secret)
         self.supervisor = supervisor_class(uvloop, child_env or {})(self.scheduler, workers, self.secret)
         self.housekeeper = Housekeeper(self.settings, url)
@@ -232,16 +242,22 @@ async def run_damops(
     run_tag: str,
     uvloop: bool = False,
     child_env: dict[str, str] | None = None,
+    prefetch_workers: list[int] | None = None,
 ) -> list[dict[str, Any]]:
+    """Each worker count with the default settings, then those of ``prefetch_workers``
+    again with WORKER_PREFETCH on."""
     applied = await asyncio.to_thread(migrate, url)
     log.info("migrated: %s", applied)
     results = []
     producer = await asyncio.to_thread(psycopg.connect, url)
     poller = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
-        for workers in worker_counts:
-            pool = DamopsPool(url, workers, f"bench-{run_tag}-{workers}w", uvloop=uvloop, child_env=child_env)
-            entry: dict[str, Any] = {"system": "damops", "workers": workers, "pool": pool.pool}
+        configs = [(w, False) for w in worker_counts] + [(w, True) for w in prefetch_workers or []]
+        for workers, prefetch in configs:
+            name = f"bench-{run_tag}-{workers}w" + ("-prefetch" if prefetch else "")
+            pool = DamopsPool(url, workers, name, uvloop=uvloop, child_env=child_env, prefetch=prefetch)
+            label = f"damops {workers:>2} workers" + (" prefetch" if prefetch else "")
+            entry: dict[str, Any] = {"system": "damops", "workers": workers, "prefetch": prefetch, "pool": pool.pool}
             experiments = []
             if uvloop:
                 experiments.append("uvloop: scheduler and sidecars on uvloop")
@@ -253,7 +269,7 @@ async def run_damops(
                 entry["load_before"] = load()
                 await pool.start()
                 entry["preheat_seconds"] = round(pool.preheat_seconds, 2)
-                print(f"  damops {workers:>2} workers: pre-heated in {pool.preheat_seconds:.1f}s", flush=True)
+                print(f"  {label}: pre-heated in {pool.preheat_seconds:.1f}s", flush=True)
                 # Warm-up: every worker resolves both trigger functions once.
                 await run_batch(pool, producer, poller, max(4 * workers, 50), poll_interval)
                 await run_latency(pool, producer, poller, min(workers, 10), latency_pause, poll_interval)
@@ -265,7 +281,7 @@ async def run_damops(
                     run.update(pool.last_cpu)
                     runs.append(run)
                     print(
-                        f"  damops {workers:>2} workers: {timed.ops} ops in {timed.seconds:.3f}s = "
+                        f"  {label}: {timed.ops} ops in {timed.seconds:.3f}s = "
                         f"{run['ops_per_s']:.0f} ops/s (insert {timed.insert_seconds * 1000:.0f} ms) {outcome}; "
                         f"write transactions/op {run['write_transactions_per_op']}; CPU us/op: {brief(run['cpu_per_op'])}",
                         flush=True,
@@ -276,7 +292,7 @@ async def run_damops(
                 )
                 lat = entry["latency"]
                 print(
-                    f"  damops {workers:>2} workers: enqueue->start p50 {lat['p50_ms']:.2f} ms "
+                    f"  {label}: enqueue->start p50 {lat['p50_ms']:.2f} ms "
                     f"p99 {lat['p99_ms']:.2f} ms ({lat['samples']} samples)",
                     flush=True,
                 )

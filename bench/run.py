@@ -37,7 +37,16 @@ from util import (  # noqa: E402
     uptime,
 )
 
-TARGETS = {"workers": 16, "ops_per_s": 3500.0, "p50_ms": 4.0, "p99_ms": 10.0}
+# Issue #13's targets, each printed as MET or MISSED.
+TARGETS = {
+    "workers": 16,
+    "ratio_vs_pgqueuer_batch_10": 1.0,  # no-op throughput, same run
+    "p50_ms": 3.0,  # enqueue -> start at light load
+    "p99_ms": 8.0,
+    "cpu_us_per_op": 250.0,  # scheduler + sidecars + workers + PostgreSQL
+    "utilisation_percent": {10.0: 95.0, 100.0: 99.0},  # 64 workers, by operation duration (ms)
+    "startup_seconds": 1.5,  # 16 workers pre-heated
+}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -69,6 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="throughput batches per configuration per round (the median of all is reported)",
     )
+    p.add_argument(
+        "--prefetch-workers",
+        default="16",
+        help="worker counts measured again with WORKER_PREFETCH on (comma-separated, or 'none')",
+    )
+    p.add_argument("--util-workers", type=int, default=64, help="workers of the utilisation runs (0: skip them)")
+    p.add_argument("--util-durations-ms", default="10,100", help="operation durations of the utilisation runs")
+    p.add_argument("--util-ops-per-worker", default=None, help="operations per worker by duration, e.g. '10=40,100=8'")
+    p.add_argument("--util-prefetch", default="off,on", help="WORKER_PREFETCH settings of the utilisation runs")
+    p.add_argument("--startup-samples", type=int, default=3, help="16-worker start-ups timed (0: skip)")
     p.add_argument("--latency-samples", type=int, default=None)
     p.add_argument("--latency-pause-ms", type=float, default=25.0, help="pause between latency samples")
     p.add_argument("--poll-ms", type=float, default=20.0, help="how often completion is polled")
@@ -111,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "latency_samples": 40,
             "pgqueuer_ops": 1500,
             "procrastinate_ops": 200,
+            "util_ops_per_worker": "10=10,100=3",
         }
     else:
         defaults = {
@@ -120,12 +140,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "latency_samples": 100,
             "pgqueuer_ops": 6000,
             "procrastinate_ops": 500,
+            "util_ops_per_worker": "10=40,100=8",
         }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.ops_by_workers = parse_ops(args.ops, args.worker_counts)
     args.peer_list = [] if args.peers == "none" else [x for x in args.peers.split(",") if x]
+    args.prefetch_worker_counts = (
+        [] if args.prefetch_workers == "none" else [int(w) for w in args.prefetch_workers.split(",") if w]
+    )
+    args.util_durations = [float(d) for d in args.util_durations_ms.split(",") if d]
+    args.util_per_worker = {float(k): int(v) for k, v in (kv.split("=") for kv in args.util_ops_per_worker.split(","))}
+    args.util_prefetch_list = [x.strip() == "on" for x in args.util_prefetch.split(",") if x.strip()]
     return args
 
 
@@ -180,7 +207,27 @@ async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[st
         run_tag=str(int(time.time())),
         uvloop=args.uvloop,
         child_env=dict(kv.split("=", 1) for kv in args.child_env),
+        prefetch_workers=args.prefetch_worker_counts,
     )
+
+
+async def utilisation_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+    from startup import run_startup
+    from utilisation import run_utilisation
+
+    url = await asyncio.to_thread(create_database, admin_url, "bench_damops_time")
+    tag = str(int(time.time()))
+    out: dict[str, Any] = {}
+    if args.startup_samples:
+        print(f"damops start-up, 16 workers x {args.startup_samples}", flush=True)
+        out["startup"] = await run_startup(url, 16, args.startup_samples, tag)
+        print(f"  16 workers pre-heated in {out['startup']['samples_seconds']} s", flush=True)
+    if args.util_workers:
+        print(f"damops utilisation, {args.util_workers} workers", flush=True)
+        out["utilisation"] = await run_utilisation(
+            url, args.util_workers, args.util_durations, args.util_per_worker, args.util_prefetch_list, tag
+        )
+    return out
 
 
 async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
@@ -263,6 +310,10 @@ def merge_entries(rounds: list[list[dict[str, Any]]], key: Any) -> list[dict[str
     return merged
 
 
+def damops_label(entry: dict[str, Any]) -> str:
+    return f"damops {entry['workers']} workers" + (" prefetch" if entry.get("prefetch") else "")
+
+
 def peer_label(peer: dict[str, Any]) -> str:
     if peer["system"] == "pgqueuer" and "batch_size" in peer:
         return f"pgqueuer {peer.get('version', '')} {peer['driver']} batch {peer['batch_size']}"
@@ -282,6 +333,7 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             r: dict[str, Any] = {
                 "damops_workers": d["workers"],
+                "damops_prefetch": d.get("prefetch", False),
                 "peer": peer_label(peer),
                 "throughput_ratio": round(d["throughput"]["ops_per_s"] / peer["throughput"]["ops_per_s"], 3),
             }
@@ -292,24 +344,48 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def targets(report: dict[str, Any]) -> dict[str, Any]:
-    d = next((x for x in report["damops"] if x["workers"] == TARGETS["workers"] and "throughput" in x), None)
-    if d is None:
-        return {"checked": False, "why": f"no damops run with {TARGETS['workers']} workers"}
-    tp, p50, p99 = d["throughput"]["ops_per_s"], d["latency"]["p50_ms"], d["latency"]["p99_ms"]
-    return {
-        "checked": True,
-        "workers": TARGETS["workers"],
-        "ops_per_s": tp,
-        "ops_per_s_target": TARGETS["ops_per_s"],
-        "ops_per_s_met": tp >= TARGETS["ops_per_s"],
-        "p50_ms": p50,
-        "p50_ms_target": TARGETS["p50_ms"],
-        "p50_met": p50 <= TARGETS["p50_ms"],
-        "p99_ms": p99,
-        "p99_ms_target": TARGETS["p99_ms"],
-        "p99_met": p99 <= TARGETS["p99_ms"],
-    }
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every #13 target with the figure measured and whether it is met (None: not measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, target: float, higher_is_better: bool, unit: str) -> None:
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        out.append(
+            {"target": name, "value": value, "goal": target, "at_least": higher_is_better, "unit": unit, "met": met}
+        )
+
+    for d in report["damops"]:
+        if d["workers"] != TARGETS["workers"] or "throughput" not in d:
+            continue
+        label = damops_label(d)
+        ratio = next(
+            (
+                r["throughput_ratio"]
+                for r in report["ratios"]
+                if r["damops_workers"] == d["workers"]
+                and r["damops_prefetch"] == d.get("prefetch", False)
+                and r["peer"].startswith("pgqueuer")
+                and r["peer"].endswith("batch 10")
+            ),
+            None,
+        )
+        add(f"{label}: no-op throughput / PGQueuer batch 10", ratio, TARGETS["ratio_vs_pgqueuer_batch_10"], True, "x")
+        lat = d.get("latency", {})
+        add(f"{label}: enqueue->start p50", lat.get("p50_ms"), TARGETS["p50_ms"], False, "ms")
+        add(f"{label}: enqueue->start p99", lat.get("p99_ms"), TARGETS["p99_ms"], False, "ms")
+        runs = d["throughput"]["runs"]
+        cpu = sorted(run["cpu_per_op"]["total"]["cpu_us"] for run in runs)[len(runs) // 2] if runs else None
+        add(f"{label}: CPU per operation", cpu, TARGETS["cpu_us_per_op"], False, "us")
+    for u in report.get("utilisation", []):
+        goal = TARGETS["utilisation_percent"].get(u["operation_ms"])
+        if goal is None:
+            continue
+        name = f"{u['workers']} workers x {u['operation_ms']:g} ms, prefetch {'on' if u['prefetch'] else 'off'}: % of ideal"
+        add(name, u.get("steady_percent_of_ideal"), goal, True, "%")
+    startup = report.get("startup")
+    if startup:
+        add("16 workers pre-heated (median)", startup["median_seconds"], TARGETS["startup_seconds"], False, "s")
+    return out
 
 
 def mean_load(entry: dict[str, Any]) -> float | None:
@@ -328,10 +404,7 @@ def table(report: dict[str, Any]) -> str:
         f"{'c>s p50':>7} {'CPU us/op':>9} {'load1m':>6}"
     )
     lines += [head, "-" * len(head)]
-    rows = [
-        (f"damops {d['workers']} workers" + (" (experiment)" if d.get("experiment") else ""), d)
-        for d in report["damops"]
-    ]
+    rows = [(damops_label(d) + (" (experiment)" if d.get("experiment") else ""), d) for d in report["damops"]]
     rows += [(peer_label(p), p) for p in report["peers"]]
     for label, r in rows:
         if "error" in r and "throughput" not in r:
@@ -366,23 +439,37 @@ def table(report: dict[str, Any]) -> str:
     if rs:
         lines += ["", f"damops {TARGETS['workers']} workers / peer (same run):"]
         for r in rs:
+            r = {**r, "peer": ("(prefetch) " if r["damops_prefetch"] else "") + r["peer"]}
             extra = ""
             if "latency_p50_ratio" in r:
                 extra = f"   latency p50 x{r['latency_p50_ratio']:.2f}, p99 x{r['latency_p99_ratio']:.2f}"
             lines.append(f"  vs {r['peer']:<40} throughput x{r['throughput_ratio']:.2f}{extra}")
-    t = report["targets"]
-    if t.get("checked"):
-
-        def mark(ok: bool) -> str:
-            return "met" if ok else "MISSED"
-
-        lines += [
-            "",
-            f"targets, {t['workers']} workers: {t['ops_per_s']:.0f} ops/s (>= {t['ops_per_s_target']:.0f}: "
-            f"{mark(t['ops_per_s_met'])}), p50 {t['p50_ms']:.2f} ms (<= {t['p50_ms_target']:g}: "
-            f"{mark(t['p50_met'])}), p99 {t['p99_ms']:.2f} ms (<= {t['p99_ms_target']:g}: "
-            f"{mark(t['p99_met'])})",
-        ]
+    for u in report.get("utilisation", []):
+        if u is report.get("utilisation", [])[0]:
+            lines += [
+                "",
+                "operations that take time (steady state; gap = one op's end -> the next one's start, same worker):",
+            ]
+        if "error" in u:
+            lines.append(f"  {u['workers']} workers x {u['operation_ms']:g} ms: ERROR {u['error']}")
+            continue
+        gap = u["gap"]
+        lines.append(
+            f"  {u['workers']} workers x {u['operation_ms']:>5g} ms, prefetch {'on ' if u['prefetch'] else 'off'}: "
+            f"{u['steady_ops_per_s']:>7.0f} ops/s = {u['steady_percent_of_ideal']:5.1f}% of {u['ideal_ops_per_s']:.0f} "
+            f"(end to end {u['end_to_end_percent_of_ideal']:.1f}%); gap p50 {fmt(gap.get('p50_ms'), '.2f')} ms "
+            f"p99 {fmt(gap.get('p99_ms'), '.2f')} ms; load {u['load_before']['loadavg_1m']:.1f}"
+            + (f"; NOT SUCCESS: {u['not_success']}" if u.get("not_success") else "")
+        )
+    if report.get("startup"):
+        st = report["startup"]
+        lines += ["", f"start-up: 16 workers pre-heated in {st['samples_seconds']} s (median {st['median_seconds']} s)"]
+    if report["targets"]:
+        lines += ["", "issue #13 targets:"]
+        for t in report["targets"]:
+            state = "not measured" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+            sign = ">=" if t["at_least"] else "<="
+            lines.append(f"  {state:<7} {t['target']}: {fmt(t['value'], '.2f')} {t['unit']} ({sign} {t['goal']:g})")
     lines += [
         "",
         "p50/p99: enqueue (just before the INSERT) -> the trigger function starts; c>s p50: from the "
@@ -475,10 +562,16 @@ def main(argv: list[str] | None = None) -> int:
                 for step in (run_damops, run_peers) if number % 2 else (run_peers, run_damops):
                     step()
                 rounds.append(this)
+            if args.util_workers or args.startup_samples:
+                # Once, after the rounds: start-up and operations that take time.
+                with asyncio.Runner(loop_factory=loop_factory) as runner:
+                    report.update(runner.run(utilisation_async(args, admin_url)))
         finally:
             if not args.database_url:
                 stop_embedded(home)
-    report["damops"] = merge_entries([r.get("damops", []) for r in rounds], lambda e: str(e["workers"]))
+    report["damops"] = merge_entries(
+        [r.get("damops", []) for r in rounds], lambda e: f"{e['workers']}-{e.get('prefetch', False)}"
+    )
     report["peers"] = merge_entries([r.get("peers", []) for r in rounds], peer_label)
     report["rounds"] = [
         {
@@ -486,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": r["load_before"],
             "figures": {
                 label: figures(e)
-                for label, e in [(f"damops {e['workers']} workers", e) for e in r.get("damops", [])]
+                for label, e in [(damops_label(e), e) for e in r.get("damops", [])]
                 + [(peer_label(e), e) for e in r.get("peers", [])]
             },
         }

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     # After a cancel reached a running operation: how long it may take to stop
     # before its worker is killed and replaced.
     cancel_grace: Duration = Field(default=10.0, validation_alias="CANCEL_GRACE")
+    # A busy worker's sidecar holds the pool's next operation and starts it the moment
+    # the running one ends (no scheduler round trip between two operations). Off by
+    # default: in a pool of long operations a short one would wait behind a long one.
+    worker_prefetch: bool = Field(default=False, validation_alias="WORKER_PREFETCH")
     # Prometheus /metrics of `damops run` (0 = off); the operator has its own DAMOPS_METRICS_PORT.
     metrics_port: int = Field(default=0, ge=0, le=65535, validation_alias="DAMOPS_RUN_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", validation_alias="DAMOPS_RUN_METRICS_HOST")

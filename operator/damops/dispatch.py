@@ -6,13 +6,20 @@ method of :class:`WorkerTable` that changes the table and returns
 :class:`Effects`: frames to send, rows to write, workers to restart or forget.
 The :class:`damops.scheduler.Scheduler` is the I/O shell that applies them.
 
-One rule holds throughout: a worker holds at most one :class:`Lease` (an
+One rule holds throughout: a worker runs at most one :class:`Lease` (an
 operation at an attempt), and a lease ends exactly once: by its StatusUpdate,
 by being recovered (a retryable failure: it may have run), or by being
 released (back to NEW with its attempt given back: it never reached the
 trigger function). A channel that drops does not end a lease: the sidecar may
 still be running it, so the lease is kept until the sidecar says what became
 of it, or the worker is gone, or it expires.
+
+With prefetch (WORKER_PREFETCH) a busy worker may also hold one ``next`` lease:
+sent ahead, held by its sidecar, started there the moment the running one ends
+(the scheduler learns it from that StatusUpdate). It is not executing: drain,
+cancel, stop and a new scheduler get it handed back unrun (released); when the
+worker is lost or restarted it is recovered like the running one, since the
+sidecar may have started it meanwhile.
 """
 
 from __future__ import annotations
@@ -43,13 +50,14 @@ class Lease:
     inputs: Any = None
     trace_context: dict[str, Any] | None = None  # W3C trace context for the worker's run span (damops.tracing)
 
-    def operation(self) -> Operation:
+    def operation(self, prefetched: bool = False) -> Operation:
         return Operation(
             id=self.id,
             trigger_function=self.trigger_function,
             inputs=self.inputs,
             attempt=self.attempt,
             trace_context=self.trace_context,
+            prefetched=prefetched,
         )
 
 
@@ -74,6 +82,7 @@ class Worker:
     draining: bool = False
     connected: bool = False
     lease: Lease | None = None
+    next: Lease | None = None  # prefetched, held by the sidecar (not executing)
     pid: int | None = None
     boot: str | None = None  # the sidecar process we last spoke to
     worker_gone: bool = False  # NotReady since the last Ready: not free when its lease ends
@@ -82,12 +91,26 @@ class Worker:
     def claimable(self) -> bool:
         return self.state is WorkerState.FREE and self.connected and not self.draining and self.lease is None
 
+    @property
+    def prefetchable(self) -> bool:
+        """Running one operation, nothing held yet: its sidecar may hold the next."""
+        return (
+            self.state is WorkerState.ACTIVE
+            and self.lease is not None
+            and self.next is None
+            and self.connected
+            and not self.draining
+            and not self.worker_gone
+        )
+
 
 @dataclass
 class Effects:
     """What the I/O shell must do after an event."""
 
     send: list[Lease] = field(default_factory=list)  # claimed operations to send to their workers
+    ahead: list[Lease] = field(default_factory=list)  # claimed ones sent ahead to busy workers (prefetch)
+    withdraw: list[Lease] = field(default_factory=list)  # prefetched ones to hand back unrun
     completions: list[Completion] = field(default_factory=list)
     releases: list[Lease] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)  # kill and replace the worker process / pod
@@ -97,6 +120,8 @@ class Effects:
 
     def __iadd__(self, other: Effects) -> Effects:
         self.send += other.send
+        self.ahead += other.ahead
+        self.withdraw += other.withdraw
         self.completions += other.completions
         self.releases += other.releases
         self.restart += other.restart
@@ -119,6 +144,7 @@ class Stats:
     expired_workers: int = 0
     dropped_channels: int = 0
     readopted: int = 0  # leases kept across a dropped channel
+    prefetched: int = 0  # operations sent ahead to a busy worker
     write_errors: int = 0  # StatusUpdates that could not be stored as sent
     dispatch_latency_seconds_total: float = 0.0
 
@@ -146,9 +172,10 @@ class Snapshot:
 class WorkerTable:
     """Every worker of one scheduler and the one lease each may hold."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: bool = False) -> None:
         self.workers: dict[str, Worker] = {}
         self.stats = Stats()
+        self.prefetch = prefetch
         # Leases given back at shutdown: a StatusUpdate for one that still arrives
         # is not written (the operation is NEW again, maybe already elsewhere).
         self._released_at_stop: set[tuple[int, int]] = set()
@@ -164,7 +191,7 @@ class WorkerTable:
         have run: it is recovered as a retryable failure, its attempt counted."""
         worker = self.workers.pop(name, None)
         effects = Effects(forget=[name])
-        if worker is not None and worker.lease is not None:
+        if worker is not None:
             effects += self._recover(worker, reason)
         return effects
 
@@ -174,10 +201,10 @@ class WorkerTable:
         if worker is None:
             return Effects()
         worker.draining = True
-        if worker.lease is None:
+        if worker.lease is None and worker.next is None:
             del self.workers[name]
             return Effects(forget=[name])
-        return Effects()
+        return Effects(withdraw=[worker.next] if worker.next is not None else [])
 
     # --- channel events -------------------------------------------------
 
@@ -192,6 +219,8 @@ class WorkerTable:
         effects = Effects()
         same_sidecar, worker.boot = worker.boot == boot, boot
         worker.connected = True
+        if worker.next is not None:
+            effects += self._reconcile_next(worker, busy, undelivered, same_sidecar)
         lease = worker.lease
         if lease is not None:
             if busy == (lease.id, lease.attempt) or lease.id in undelivered:
@@ -218,6 +247,33 @@ class WorkerTable:
             worker.state = WorkerState.PENDING  # until the sidecar says Ready again
         return effects
 
+    def _reconcile_next(
+        self, worker: Worker, busy: tuple[int, int] | None, undelivered: set[int], same_sidecar: bool
+    ) -> Effects:
+        """After a reconnect: what became of the prefetched lease the sidecar held."""
+        held, lease = worker.next, worker.lease
+        assert held is not None
+        if held.id in undelivered:
+            return Effects()  # its StatusUpdate follows (handed back, or it ran)
+        effects = Effects()
+        worker.next = None
+        if busy == (held.id, held.attempt):
+            # Started while we were away: the one before it ended.
+            if lease is not None and lease.id not in undelivered:
+                effects += self._end(worker, lease, f"worker {worker.name}'s StatusUpdate was lost with its channel")
+                worker.lease = held
+            elif lease is None:
+                worker.lease = held
+            else:
+                worker.next = held  # the running one's StatusUpdate follows, then this one runs
+            return effects
+        if same_sidecar:
+            self.stats.released += 1  # it never reached the sidecar
+            effects.releases.append(held)
+            return effects
+        effects += self._end(worker, held, f"worker {worker.name}'s sidecar restarted while it held the operation")
+        return effects
+
     def channel_lost(self, name: str, now: float) -> Effects:
         """The channel dropped. The lease stays: the sidecar may still be running it
         (a reconnect tells), else the worker's removal or expiry recovers it."""
@@ -237,7 +293,7 @@ class WorkerTable:
         if worker is None:
             return Effects()
         worker.connected = False
-        effects = self._recover(worker, reason) if worker.lease is not None else Effects()
+        effects = self._recover(worker, reason)
         worker.state = WorkerState.PENDING
         worker.last_touched = now
         return effects
@@ -286,24 +342,53 @@ class WorkerTable:
             effects.releases.append(Lease(update.id, update.attempt, name))
         else:
             effects.completions.append(Completion(update, name))
-        if worker is None or worker.lease is None or worker.lease.id != update.id:
+        if worker is None:
+            return effects
+        if worker.next is not None and worker.next.id == update.id:
+            # The prefetched one: handed back unrun, or (its predecessor's StatusUpdate lost) it ran.
+            worker.next = None
+            if update.executed and worker.lease is not None:
+                effects += self._end(worker, worker.lease, f"worker {name}'s StatusUpdate was lost")
+                worker.lease = None
+            if worker.lease is None:
+                self._idle(worker, now, effects)
+            return effects
+        if worker.lease is None or worker.lease.id != update.id:
             return effects
         worker.lease = None
+        worker.last_touched = now
+        if worker.next is not None:
+            # Its sidecar started the prefetched one the moment this one ended.
+            worker.lease, worker.next = worker.next, None
+            return effects
+        self._idle(worker, now, effects)
+        return effects
+
+    def _idle(self, worker: Worker, now: float, effects: Effects) -> None:
         worker.state = WorkerState.FREE if worker.connected and not worker.worker_gone else WorkerState.PENDING
         worker.last_touched = now
         if worker.draining:
-            del self.workers[name]
-            effects.forget.append(name)
-        return effects
+            del self.workers[worker.name]
+            effects.forget.append(worker.name)
 
     # --- the dispatch cycle ----------------------------------------------
 
     def claimable(self) -> list[str]:
-        return [w.name for w in self.workers.values() if w.claimable]
+        """Workers to claim for: free ones first (they get the first operations in
+        claim order), then, with prefetch, busy ones with nothing held."""
+        free = [w.name for w in self.workers.values() if w.claimable]
+        if self.prefetch:
+            free += [w.name for w in self.workers.values() if w.prefetchable]
+        return free
 
     def assign(self, lease: Lease, now: float) -> Effects:
         """A claimed operation: send it, or give it back when its worker went away meanwhile."""
         worker = self.workers.get(lease.worker)
+        if worker is not None and self.prefetch and worker.prefetchable:
+            worker.next = lease
+            self.stats.claimed += 1
+            self.stats.prefetched += 1
+            return Effects(ahead=[lease])
         if worker is None or not worker.claimable:
             self.stats.released += 1
             return Effects(releases=[lease])
@@ -316,7 +401,9 @@ class WorkerTable:
     def undeliverable(self, lease: Lease, error: str) -> Effects:
         """A claimed operation that cannot be put in a frame: FAILED, no retry."""
         worker = self.workers.get(lease.worker)
-        if worker is not None and worker.lease == lease:
+        if worker is not None and worker.next == lease:
+            worker.next = None
+        elif worker is not None and worker.lease == lease:
             worker.lease = None
             worker.state = WorkerState.FREE
         return Effects(completions=[Completion(failure(lease, error, retryable=False), lease.worker)], wake=True)
@@ -343,6 +430,9 @@ class WorkerTable:
         wanted = {(op_id, attempt) for op_id, attempt, _ in requested}
         self._cancel_sent = {key: sent for key, sent in self._cancel_sent.items() if key in wanted}
         for worker in self.workers.values():
+            held = worker.next
+            if held is not None and (held.id, held.attempt) in wanted:
+                effects.withdraw.append(held)  # not started: handed back, it ends CANCELLED
             lease = worker.lease
             if lease is None or (lease.id, lease.attempt) not in wanted:
                 continue
@@ -360,17 +450,24 @@ class WorkerTable:
         return bool(self._cancel_sent)
 
     def leases(self) -> list[Lease]:
-        return [w.lease for w in self.workers.values() if w.lease is not None]
+        """Every lease held, prefetched ones included."""
+        return [lease for w in self.workers.values() for lease in (w.lease, w.next) if lease is not None]
+
+    def withdraw_all(self) -> Effects:
+        """At shutdown: ask every sidecar to hand back what it holds prefetched."""
+        return Effects(withdraw=[w.next for w in self.workers.values() if w.next is not None])
 
     def release_all(self) -> Effects:
         """At shutdown: every unfinished lease back to NEW, its attempt given back."""
         effects = Effects()
         for worker in self.workers.values():
-            if worker.lease is not None:
-                self.stats.released += 1
-                effects.releases.append(worker.lease)
-                self._released_at_stop.add((worker.lease.id, worker.lease.attempt))
-                worker.lease = None
+            for lease in (worker.lease, worker.next):
+                if lease is not None:
+                    self.stats.released += 1
+                    effects.releases.append(lease)
+                    self._released_at_stop.add((lease.id, lease.attempt))
+            if worker.lease is not None or worker.next is not None:
+                worker.lease = worker.next = None
                 worker.state = WorkerState.PENDING
         return effects
 
@@ -385,10 +482,14 @@ class WorkerTable:
         return effects
 
     def _recover(self, worker: Worker, reason: str) -> Effects:
-        lease, worker.lease = worker.lease, None
-        if lease is None:
-            return Effects()
-        return self._end(worker, lease, reason)
+        """End the running lease as a retryable failure, and a prefetched one too:
+        its sidecar may have started it meanwhile."""
+        effects = Effects()
+        for lease in (worker.lease, worker.next):
+            if lease is not None:
+                effects += self._end(worker, lease, reason)
+        worker.lease = worker.next = None
+        return effects
 
     def _end(self, worker: Worker, lease: Lease, reason: str) -> Effects:
         self.stats.recovered += 1

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from damops import store
+from damops import children, store
+from damops.children import ChildProcess
 from damops.dispatch import Lease
 from damops.lifeline import PARENT_ENV
 from damops.scheduler import Scheduler
@@ -71,9 +72,10 @@ class LocalPair:
     name: str
     directory: str
     port: int = 0
-    sidecar: subprocess.Popen[bytes] | None = None
-    worker: subprocess.Popen[bytes] | None = None
+    sidecar: ChildProcess | None = None
+    worker: ChildProcess | None = None
     started: float = 0.0  # when the worker was last started
+    restarts: int = 0  # processes started again after one exited
     crashes: int = 0  # consecutive short-lived runs
     not_before: float = 0.0  # no restart before this time (back-off)
     last_cause: str = ""
@@ -84,6 +86,10 @@ class LocalPair:
 
 
 class LocalSupervisor:
+    # Fork children from a pre-imported parent (:mod:`damops.children`) rather
+    # than start ``python -m damops`` for each: pre-heating in a fraction of the time.
+    fork = children.available()
+
     def __init__(
         self, scheduler: Scheduler, count: int, secret: str, name_prefix: str | None = None, log_level: str = "WARNING"
     ) -> None:
@@ -111,6 +117,8 @@ class LocalSupervisor:
         return [sys.executable, "-m", "damops", *args]
 
     async def start(self) -> None:
+        if self.fork:
+            await asyncio.to_thread(children.zygote)  # not on the event loop: it imports first
         await self._recover_abandoned()
         for index in range(1, self.count + 1):
             name = f"{self.prefix}-w{index}"
@@ -152,24 +160,32 @@ class LocalSupervisor:
         listener.bind(("127.0.0.1", pair.port))
         listener.listen(16)
         pair.port = listener.getsockname()[1]
-        pair.sidecar = subprocess.Popen(
-            self._command(
-                "sidecar", "--name", pair.name, "--socket", pair.socket_path, "--listen-fd", str(listener.fileno())
-            ),
-            pass_fds=(listener.fileno(),),
-            env=self._env(),
-            start_new_session=True,
-        )
+        if self.fork:
+            pair.sidecar = children.start(
+                "sidecar", [pair.name, self.secret, pair.socket_path], self._env(), (listener.fileno(),)
+            )
+        else:
+            pair.sidecar = subprocess.Popen(
+                self._command(
+                    "sidecar", "--name", pair.name, "--socket", pair.socket_path, "--listen-fd", str(listener.fileno())
+                ),
+                pass_fds=(listener.fileno(),),
+                env=self._env(),
+                start_new_session=True,
+            )
         # The sidecar has its own copy; closing ours makes a dead sidecar refuse
         # connections at once instead of leaving them in our backlog.
         listener.close()
 
     def _start_worker(self, pair: LocalPair) -> None:
-        pair.worker = subprocess.Popen(
-            self._command("worker", "--socket", pair.socket_path, "--name", pair.name),
-            env=self._env(),
-            start_new_session=True,
-        )
+        if self.fork:
+            pair.worker = children.start("worker", [pair.socket_path, self.secret, pair.name], self._env())
+        else:
+            pair.worker = subprocess.Popen(
+                self._command("worker", "--socket", pair.socket_path, "--name", pair.name),
+                env=self._env(),
+                start_new_session=True,
+            )
         pair.started = time.monotonic()
 
     async def kill_worker(self, name: str) -> None:
@@ -214,9 +230,11 @@ class LocalSupervisor:
                     self._note_exit(pair, "worker", pair.worker.returncode)
                     pair.worker = None
                 if pair.sidecar is None and now >= pair.not_before:
+                    pair.restarts += 1
                     self._start_sidecar(pair)
                     self._start_worker(pair)
                 elif pair.worker is None and pair.sidecar is not None and now >= pair.not_before:
+                    pair.restarts += 1
                     self._start_worker(pair)
                 elif pair.crashes and now - pair.started > STABLE_AFTER_SECONDS:
                     pair.crashes, pair.last_cause = 0, ""

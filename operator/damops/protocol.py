@@ -87,6 +87,9 @@ class Operation(_Message):
     # W3C trace context (traceparent, tracestate) the worker's run span continues
     # (damops.tracing). Left out of the frame when None: untraced frames are unchanged.
     trace_context: dict[str, Any] | None = Field(default=None, exclude_if=lambda value: value is None)
+    # Sent ahead to a busy worker (WORKER_PREFETCH): its sidecar holds it and starts
+    # it the moment the running one ends, or hands it back unrun. Left out when False.
+    prefetched: bool = Field(default=False, exclude_if=lambda value: not value)
 
 
 class StatusUpdate(_Message):
@@ -132,6 +135,15 @@ class Cancel(_Message):
     attempt: int
 
 
+class Withdraw(_Message):
+    """Scheduler -> sidecar: hand back this prefetched operation if it has not started
+    (the answer is a StatusUpdate with ``executed`` False); ignored once it runs."""
+
+    type: Literal["withdraw"] = "withdraw"
+    id: int
+    attempt: int
+
+
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
 
@@ -150,6 +162,7 @@ Message = Annotated[
     | StatusUpdate
     | Progress
     | Cancel
+    | Withdraw
     | Heartbeat
     | Shutdown,
     Field(discriminator="type"),

@@ -23,7 +23,7 @@ from damops.channels import SidecarChannels
 from damops.config import Settings
 from damops.cycle import CONNECTION_ERRORS, DispatchCycle, first_line
 from damops.dispatch import Completion, Effects, Lease, PendingWrites, Snapshot, WorkerTable, failure
-from damops.protocol import Cancel, NotReady, Progress, Ready, StatusUpdate, Welcome
+from damops.protocol import Cancel, NotReady, Progress, Ready, StatusUpdate, Welcome, Withdraw
 from damops.safejson import undecodable_reason
 
 log = logging.getLogger("damops.scheduler")
@@ -47,7 +47,7 @@ class Scheduler:
         self.pool = pool or settings.pool
         self.secret = secret if secret is not None else (settings.secret or "")
         self.on_worker_expired = on_worker_expired  # kills and replaces a worker
-        self.table = WorkerTable()
+        self.table = WorkerTable(prefetch=settings.worker_prefetch)
         self.stats = self.table.stats
         self.claiming = True
         self._writes = PendingWrites()
@@ -77,6 +77,7 @@ class Scheduler:
         grace = self.settings.shutdown_grace if grace is None else grace
         self.claiming = False
         self._channels.reconnect = False
+        self._apply(self.table.withdraw_all())  # prefetched ones come back unrun
         deadline = time.monotonic() + grace
         while self.table.leases() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -162,6 +163,8 @@ class Scheduler:
         self._writes.add(effects)
         for lease in effects.send:
             self._send(lease)
+        for lease in effects.ahead:
+            self._send(lease, prefetched=True)
         for name in effects.restart:
             if self.on_worker_expired is not None:
                 task = asyncio.create_task(self.on_worker_expired(name))
@@ -174,15 +177,20 @@ class Scheduler:
                 self._channels.send(lease.worker, Cancel(id=lease.id, attempt=lease.attempt))
             except KeyError:
                 pass  # no channel now: the next check sends nothing more, the grace still runs out
+        for lease in effects.withdraw:
+            try:
+                self._channels.send(lease.worker, Withdraw(id=lease.id, attempt=lease.attempt))
+            except KeyError:
+                pass  # no channel: the sidecar hands it back to the next one that connects
         if effects.wake or effects.completions or effects.releases:
             self._wake.set()
 
-    def _send(self, lease: Lease) -> None:
+    def _send(self, lease: Lease, prefetched: bool = False) -> None:
         problem = undecodable_reason(lease.inputs) or protocol.json_problem(lease.inputs)
         try:
             if problem:
                 raise protocol.ProtocolError(problem)
-            self._channels.send(lease.worker, lease.operation())
+            self._channels.send(lease.worker, lease.operation(prefetched))
         except Exception as exc:  # noqa: BLE001 - too large, too deep...: fails this operation only
             log.warning(
                 "operation %d cannot be sent to worker %s: %s",

@@ -34,6 +34,7 @@ from damops.protocol import (
     Shutdown,
     StatusUpdate,
     Welcome,
+    Withdraw,
 )
 
 log = logging.getLogger("damops.sidecar")
@@ -54,6 +55,7 @@ class Sidecar:
         self.worker_ready: Ready | None = None
         self.scheduler: protocol.Channel | None = None
         self.assignment: Operation | None = None  # what the worker is running
+        self.held: tuple[Operation, bytes] | None = None  # prefetched: starts when the running one ends
         self.undelivered: list[StatusUpdate] = []
         self.stopped = asyncio.Event()
         self.boot = secrets.token_hex(8)
@@ -106,10 +108,11 @@ class Sidecar:
                 extra=self._about(self.assignment),
             )
         self.terminating = True
+        self._hand_back("its sidecar is stopping")
         self._exit_when_idle()
 
     def _exit_when_idle(self) -> None:
-        if not (self.terminating and self.assignment is None and not self.undelivered):
+        if not (self.terminating and self.assignment is None and self.held is None and not self.undelivered):
             return
         if self.worker is None:
             self.stopped.set()
@@ -141,6 +144,7 @@ class Sidecar:
                 if isinstance(message, StatusUpdate):
                     if self.assignment and self.assignment.id == message.id:
                         self.assignment = None
+                        self._start_held()
                     self._deliver(message, frame)
                 elif isinstance(message, Progress):
                     if self.scheduler is not None:
@@ -169,6 +173,7 @@ class Sidecar:
                         lost.id, lost.attempt, f"worker process lost while running the operation ({reason})"
                     )
                 )
+            self._hand_back("its worker went away before it started")
             self._exit_when_idle()
 
     def _about(self, op: Operation | None) -> dict[str, object]:
@@ -187,6 +192,10 @@ class Sidecar:
             log.warning("dropping scheduler connection from %s: %s", channel.peer, exc)
             await channel.close()
             return
+        if self.held is not None:
+            # Prefetched for an earlier scheduler: handed back through this one (it follows the Welcome).
+            op, self.held = self.held[0], None
+            self.undelivered.append(_handed_back(op, "a new scheduler connected"))
         previous, self.scheduler = self.scheduler, channel
         if previous is not None:  # the newest scheduler wins (e.g. after an operator restart)
             await previous.close()
@@ -216,6 +225,9 @@ class Sidecar:
                     running = self.assignment
                     if running and (running.id, running.attempt) == (message.id, message.attempt) and self.worker:
                         self.worker.send_frame_nowait(frame)
+                elif isinstance(message, Withdraw):
+                    if self.held and (self.held[0].id, self.held[0].attempt) == (message.id, message.attempt):
+                        self._hand_back("withdrawn by the scheduler")
                 elif isinstance(message, Shutdown):
                     if self.worker is not None:
                         self.worker.send_nowait(message)
@@ -231,15 +243,32 @@ class Sidecar:
             beat.cancel()
             if self.scheduler is channel:
                 self.scheduler = None
+                self._hand_back("its scheduler's channel dropped")  # kept for the next scheduler
             await channel.close()
 
     def _assign(self, op: Operation, frame: bytes) -> None:
-        if self.worker is None or self.worker_ready is None or self.assignment is not None or self.terminating:
+        ready = self.worker is not None and self.worker_ready is not None and not self.terminating
+        if ready and self.assignment is not None and op.prefetched and self.held is None:
+            self.held = (op, frame)
+            return
+        if self.worker is None or not ready or self.assignment is not None:
             state = "busy" if self.assignment else "stopping" if self.terminating else "not ready"
             self._deliver(StatusUpdate.failure(op.id, op.attempt, f"worker {self.name} is {state}", executed=False))
             return
         self.assignment = op
         self.worker.send_frame_nowait(frame)
+
+    def _start_held(self) -> None:
+        """The running operation ended: the prefetched one starts at once, no round trip."""
+        if self.held is not None and self.worker is not None and not self.terminating:
+            (self.assignment, frame), self.held = self.held, None
+            self.worker.send_frame_nowait(frame)
+
+    def _hand_back(self, reason: str) -> None:
+        """A prefetched operation that will not run here goes back unrun (its attempt given back)."""
+        if self.held is not None:
+            op, self.held = self.held[0], None
+            self._deliver(_handed_back(op, reason))
 
     def _deliver(self, update: StatusUpdate, frame: bytes | None = None) -> None:
         """To the scheduler now, or kept for the next one that connects."""
@@ -281,6 +310,10 @@ class Sidecar:
             pass
         finally:
             writer.close()
+
+
+def _handed_back(op: Operation, reason: str) -> StatusUpdate:
+    return StatusUpdate.failure(op.id, op.attempt, f"prefetched operation handed back: {reason}", executed=False)
 
 
 def _ends_quietly(

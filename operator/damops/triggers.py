@@ -97,6 +97,18 @@ def path_allowed(name: str, prefixes: tuple[str, ...]) -> bool:
     return False
 
 
+# Set by local mode's zygote (damops.children) before it forks workers: the scan reads
+# every installed distribution's metadata, tens of milliseconds each worker would pay.
+scanned_entry_points: dict[str, Any] | None = None
+
+
+def installed_entry_points() -> dict[str, Any]:
+    """Entry points of the ``damops.trigger_functions`` group, by name."""
+    if scanned_entry_points is not None:
+        return dict(scanned_entry_points)
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 class TriggerRegistry:
     """Resolves names to callables once and remembers them. Entry points of the
     ``damops.trigger_functions`` group always may run; ``module:function``
@@ -104,7 +116,7 @@ class TriggerRegistry:
 
     def __init__(self, allowed: tuple[str, ...] | None = None) -> None:
         self._cache: dict[str, Callable[..., Any]] = {}
-        self._entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        self._entry_points = installed_entry_points()
         listed = allowed if allowed is not None else allowed_prefixes(os.environ.get(ALLOWED_ENV))
         self.allowed = ALWAYS_ALLOWED + listed
 

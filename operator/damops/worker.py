@@ -5,9 +5,12 @@ the shared secret, says Ready, then runs each Operation it is given and answers
 with exactly one StatusUpdate.
 
 A worker does one thing at a time, so it uses plain blocking sockets: the main
-thread receives and runs operations, a small thread sends heartbeats so the
-sidecar knows a long operation is still alive. Async trigger functions run on
-one event loop kept for the life of the process.
+thread receives and runs operations (no hand-over between threads: one wake-up
+per operation), a small thread sends heartbeats so the sidecar knows a long
+operation is still alive. While an operation runs nobody blocks on the socket:
+a Cancel is read when the trigger function looks (``context.cancelled``,
+``context.wait_cancelled``) or at the next heartbeat. Async trigger functions
+run on one event loop kept for the life of the process.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import inspect
 import logging
 import os
-import queue
+import select
 import signal
 import socket
 import threading
@@ -43,14 +46,26 @@ class _Resolved:
     logger: logging.Logger
 
 
+# Below glibc's mmap threshold: a read buffer is not mapped and unmapped per frame.
+_READ_BYTES = 65536
+
+
 class BlockingChannel:
-    """Length-prefixed frames over a blocking socket; sends are thread-safe."""
+    """Length-prefixed frames over a blocking socket; sends are thread-safe.
+
+    Reads are serialised: a blocking :meth:`receive`, or a :meth:`pump` that never
+    waits for another reader (a heartbeat must not wait behind an idle receive).
+    What a pump reads and does not consume is kept, in order, for :meth:`receive`."""
 
     def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
         self.sock = sock
         self.max_frame_bytes = max_frame_bytes
         self._send_lock = threading.Lock()
-        self._file = sock.makefile("rb")
+        self._read_lock = threading.Lock()
+        self._buffer = bytearray()
+        self._kept: list[protocol.Message] = []
+        self._failure: Exception | None = None
+        self._eof = False
 
     def send(self, message: protocol._Message) -> None:
         self.send_frame(protocol.encode(message, self.max_frame_bytes))
@@ -60,13 +75,71 @@ class BlockingChannel:
             self.sock.sendall(frame)
 
     def receive(self) -> protocol.Message:
-        header = self._file.read(protocol.HEADER_BYTES)
-        if len(header) < protocol.HEADER_BYTES:
-            raise EOFError("the sidecar closed the connection")
-        length = protocol.frame_length(header, self.max_frame_bytes)
-        body = self._file.read(length)
-        if len(body) < length:
-            raise EOFError("the sidecar closed the connection mid-frame")
+        """The next message, waiting as long as it takes."""
+        with self._read_lock:
+            if self._kept:
+                return self._kept.pop(0)
+            if self._failure is not None:
+                raise self._failure
+            while (message := self._next_buffered()) is None:
+                self._read(self.sock.recv(_READ_BYTES))
+            return message
+
+    def pump(self, consume: Callable[[protocol.Message], bool], timeout: float = 0.0) -> None:
+        """Read what has arrived (waiting up to ``timeout`` when nothing has) and offer
+        each message to ``consume``; the ones it declines are kept for :meth:`receive`.
+        Returns at once when another thread is reading."""
+        if not self._read_lock.acquire(blocking=False):
+            return
+        try:
+            if timeout > 0 and not self._eof and not self._frame_buffered():
+                poller = select.poll()
+                poller.register(self.sock, select.POLLIN)
+                poller.poll(timeout * 1000)
+            while not self._eof:
+                try:
+                    self._read(self.sock.recv(_READ_BYTES, socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    break
+            while self._failure is None:
+                try:
+                    message = self._next_buffered()
+                except (EOFError, protocol.ProtocolError) as exc:
+                    self._failure = exc  # raised by the next receive, once the operation is over
+                    break
+                if message is None:
+                    break
+                if not consume(message):
+                    self._kept.append(message)
+        except OSError as exc:
+            self._failure = exc
+        finally:
+            self._read_lock.release()
+
+    def _read(self, data: bytes) -> None:
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+    def _frame_buffered(self) -> bool:
+        if len(self._buffer) < protocol.HEADER_BYTES:
+            return False
+        length = int.from_bytes(self._buffer[: protocol.HEADER_BYTES], "big")
+        return len(self._buffer) >= protocol.HEADER_BYTES + length
+
+    def _next_buffered(self) -> protocol.Message | None:
+        if len(self._buffer) < protocol.HEADER_BYTES:
+            if self._eof:
+                raise EOFError("the sidecar closed the connection")
+            return None
+        length = protocol.frame_length(bytes(self._buffer[: protocol.HEADER_BYTES]), self.max_frame_bytes)
+        end = protocol.HEADER_BYTES + length
+        if len(self._buffer) < end:
+            if self._eof:
+                raise EOFError("the sidecar closed the connection mid-frame")
+            return None
+        body = bytes(self._buffer[protocol.HEADER_BYTES : end])
+        del self._buffer[:end]
         return protocol.decode(body)
 
     def close(self) -> None:
@@ -92,8 +165,8 @@ class WorkerRuntime:
         self._resolved: dict[str, _Resolved] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: BlockingChannel | None = None
-        self._cancels: dict[tuple[int, int], threading.Event] = {}  # per queued or running operation
-        self._cancels_lock = threading.Lock()
+        self._current: tuple[int, int] | None = None  # the running operation (id, attempt)
+        self._cancel = threading.Event()  # set when the running operation is cancelled
         self._running = False
         self._terminating = False
         self.pool = os.environ.get("DAMOPS_POOL") or None  # set for worker pods and by damops run: for log lines
@@ -118,23 +191,24 @@ class WorkerRuntime:
         threading.Thread(target=self._heartbeat, args=(channel, stop_beating), daemon=True).start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        inbox: queue.Queue[Operation | BaseException | None] = queue.Queue()
-        threading.Thread(target=self._read, args=(channel, inbox), daemon=True, name="reader").start()
         try:
             while True:
-                item = inbox.get()
-                if item is None:
+                message = channel.receive()
+                if isinstance(message, Shutdown):
                     log.info("worker %s shutting down", self.name)
                     return
-                if isinstance(item, BaseException):
-                    raise item
+                if not isinstance(message, Operation):
+                    if not isinstance(message, (Heartbeat, Cancel)):  # a Cancel for an operation that ended
+                        raise protocol.ProtocolError(f"unexpected {message.type} from the sidecar")
+                    continue
+                self._current = (message.id, message.attempt)
+                self._cancel.clear()
                 self._running = True
                 try:
-                    channel.send_frame(self._frame(self._observed(item)))
+                    channel.send_frame(self._frame(self._observed(message)))
                 finally:
                     self._running = False
-                    with self._cancels_lock:
-                        self._cancels.pop((item.id, item.attempt), None)
+                    self._current = None
                 if self._terminating:
                     log.info("worker %s: finished its operation after SIGTERM, exiting", self.name)
                     return
@@ -142,39 +216,30 @@ class WorkerRuntime:
             stop_beating.set()
             channel.close()
 
+    def _consume(self, message: protocol.Message) -> bool:
+        """A frame read while an operation runs: a Cancel for it takes effect now;
+        the rest (a Shutdown, the next Operation) waits for the main loop."""
+        if isinstance(message, Cancel) and (message.id, message.attempt) == self._current:
+            log.info(
+                "operation %d: cancel requested",
+                message.id,
+                extra=logs.fields(message.id, None, message.attempt, self.pool, self.name),
+            )
+            self._cancel.set()
+            return True
+        return isinstance(message, Heartbeat)
+
     def _on_sigterm(self, signum: int, frame: object) -> None:
         """Idle: exit now. Running an operation: finish it, send its StatusUpdate, then exit."""
         self._terminating = True
         if not self._running:
             raise SystemExit(0)
 
-    def _read(self, channel: BlockingChannel, inbox: queue.Queue[Operation | BaseException | None]) -> None:
-        """The reader thread: operations go to the main thread, a Cancel reaches the
-        running operation's context at once (the main thread is busy running it)."""
-        try:
-            while True:
-                message = channel.receive()
-                if isinstance(message, Operation):
-                    with self._cancels_lock:
-                        self._cancels[(message.id, message.attempt)] = threading.Event()
-                    inbox.put(message)
-                elif isinstance(message, Cancel):
-                    with self._cancels_lock:
-                        event = self._cancels.get((message.id, message.attempt))
-                    if event is not None:
-                        log.info(
-                            "operation %d: cancel requested",
-                            message.id,
-                            extra=logs.fields(message.id, None, message.attempt, self.pool, self.name),
-                        )
-                        event.set()
-                elif isinstance(message, Shutdown):
-                    inbox.put(None)
-                    return
-                elif not isinstance(message, Heartbeat):
-                    raise protocol.ProtocolError(f"unexpected {message.type} from the sidecar")
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which ends the worker
-            inbox.put(exc)
+    def _pump(self, timeout: float) -> None:
+        """Read what the sidecar sent while the operation runs (a cancel check)."""
+        channel = self._channel
+        if channel is not None and self._running:
+            channel.pump(self._consume, timeout)
 
     def _connect(self) -> socket.socket:
         """The sidecar may start after us: retry until its socket answers."""
@@ -192,13 +257,13 @@ class WorkerRuntime:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
-    @staticmethod
-    def _heartbeat(channel: BlockingChannel, stop: threading.Event) -> None:
+    def _heartbeat(self, channel: BlockingChannel, stop: threading.Event) -> None:
         while not stop.wait(protocol.HEARTBEAT_INTERVAL):
             try:
                 channel.send(Heartbeat())
             except OSError:
                 return
+            self._pump(0)  # a Cancel reaches a trigger function that never looks, too
 
     def _resolve(self, name: str) -> _Resolved:
         resolved = self._resolved.get(name)
@@ -241,8 +306,7 @@ class WorkerRuntime:
             return failure(str(exc), retryable=False)
         args: tuple[Any, ...] = (op.inputs,)
         if target.takes_context:
-            with self._cancels_lock:
-                cancel = self._cancels.setdefault((op.id, op.attempt), threading.Event())
+            cancel = _CancelSignal(self._cancel, self._pump)
             args = (op.inputs, Context(op.id, op.attempt, target.logger, self._progress(op.id), cancel))
         try:
             result = target.function(*args)
@@ -278,6 +342,43 @@ class WorkerRuntime:
                 else (f"the result could not be encoded: {describe(exc)}")
             )
             return protocol.encode(StatusUpdate.failure(update.id, update.attempt, clean_text(reason), retryable=False))
+
+
+class _CancelSignal(threading.Event):
+    """The running operation's cancel flag as its context sees it: looking at it
+    reads the socket first (at most every CHECK_EVERY seconds when it only peeks),
+    so a Cancel arrives without a reader thread woken for every operation."""
+
+    CHECK_EVERY = 0.01
+
+    def __init__(self, flag: threading.Event, pump: Callable[[float], None]) -> None:
+        super().__init__()
+        self._flag = flag
+        self._pump_messages = pump
+        self._checked = 0.0
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        if not self._flag.is_set() and now - self._checked >= self.CHECK_EVERY:
+            self._checked = now
+            self._pump_messages(0)
+        return self._flag.is_set()
+
+    def set(self) -> None:
+        self._flag.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._flag.is_set():
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
+            started = time.monotonic()
+            self._pump_messages(min(left, 1.0))
+            if time.monotonic() - started < 0.005:
+                # Another thread was reading (it delivers a Cancel), or a frame came: do not spin.
+                self._flag.wait(min(max(left, 0.0), 0.005))
+        return self._flag.is_set()
 
 
 # Errors and tracebacks are stored with the operation: bounded, and cleaned of

@@ -1,0 +1,116 @@
+"""WORKER_PREFETCH with real processes: a busy worker's sidecar holds the next operation
+and starts it when the running one ends; one operation executes per worker at a time;
+a held operation goes back unrun on drain, on cancel and when its worker is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psycopg
+
+from damops import lifecycle
+from damops.operations import enqueue
+from tests.support.engine import row, running_engine, settings, wait_final, wait_until
+
+EXCLUSIVE = "tests.support.exclusive:run"
+
+
+def _enqueue(database_url: str, inputs: dict) -> int:
+    with psycopg.connect(database_url) as conn:
+        return enqueue(conn, EXCLUSIVE, inputs)
+
+
+def _held(engine) -> dict[str, int]:
+    """worker name -> id of the operation its sidecar holds prefetched."""
+    return {w.name: w.next.id for w in engine.scheduler.table.workers.values() if w.next is not None}
+
+
+async def _one_running_one_held(database_url, engine, tmp_path):
+    release = tmp_path / "release"
+    first = await asyncio.to_thread(_enqueue, database_url, {"dir": str(tmp_path), "release": str(release)})
+    await wait_until(lambda: (tmp_path / f"started-{first}").exists(), 30, "the first operation to start")
+    second = await asyncio.to_thread(_enqueue, database_url, {"dir": str(tmp_path), "seconds": 0})
+    await wait_until(lambda: second in _held(engine).values(), 30, "the second to be held by the busy sidecar")
+    return first, second, release
+
+
+def test_a_held_operation_starts_when_the_running_one_ends_never_alongside_it(database_url, tmp_path):
+    config = settings(worker_count=1, worker_prefetch=True)
+
+    async def scenario():
+        async with running_engine(database_url, config) as engine:
+            first, second, release = await _one_running_one_held(database_url, engine, tmp_path)
+            assert row(database_url, second)["status"] == "PROCESSING"  # claimed for this worker...
+            assert not (tmp_path / f"started-{second}").exists()  # ...but not executing
+            assert engine.scheduler.snapshot().active == 1
+            release.touch()
+            await wait_final(database_url, [first, second])
+            return first, second, engine.scheduler.snapshot().stats
+
+    first, second, stats = asyncio.run(scenario())
+    a, b = row(database_url, first), row(database_url, second)
+    assert a["status"] == b["status"] == "SUCCESS" and a["attempts"] == b["attempts"] == 1
+    assert not a["result"]["overlap"] and not b["result"]["overlap"]
+    assert a["result"]["pid"] == b["result"]["pid"] and b["result"]["started"] >= a["result"]["ended"]
+    assert stats["prefetched"] >= 1
+
+
+def test_drain_hands_the_held_operation_back_unrun(database_url, tmp_path):
+    config = settings(worker_count=1, worker_prefetch=True)
+
+    async def scenario():
+        async with running_engine(database_url, config) as engine:
+            first, second, release = await _one_running_one_held(database_url, engine, tmp_path)
+            (name,) = _held(engine)
+            engine.scheduler.drain_worker(name)
+            await wait_until(lambda: row(database_url, second)["status"] == "NEW", 30, "the held one to go back")
+            assert row(database_url, second)["attempts"] == 0  # handed back: no attempt used
+            assert not (tmp_path / f"started-{second}").exists()
+            release.touch()
+            await wait_final(database_url, [first])
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert row(database_url, first)["status"] == "SUCCESS"
+    assert not (tmp_path / f"started-{second}").exists()  # the drained worker never ran it
+
+
+def test_a_cancelled_held_operation_ends_cancelled_without_running(database_url, tmp_path):
+    config = settings(worker_count=1, worker_prefetch=True)
+
+    async def scenario():
+        async with running_engine(database_url, config) as engine:
+            first, second, release = await _one_running_one_held(database_url, engine, tmp_path)
+            with psycopg.connect(database_url) as conn:
+                lifecycle.cancel(conn, [second])
+            await wait_final(database_url, [second], timeout=30)
+            assert row(database_url, first)["status"] == "PROCESSING"  # the running one goes on
+            release.touch()
+            await wait_final(database_url, [first])
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert row(database_url, second)["status"] == "CANCELLED"
+    assert not (tmp_path / f"started-{second}").exists()
+    assert row(database_url, first)["status"] == "SUCCESS"
+
+
+def test_a_lost_worker_hands_its_held_operation_back_and_it_runs_once(database_url, tmp_path):
+    config = settings(worker_count=1, worker_prefetch=True)
+
+    async def scenario():
+        async with running_engine(database_url, config) as engine:
+            first, second, release = await _one_running_one_held(database_url, engine, tmp_path)
+            (pid,) = engine.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            release.touch()  # the retry of the first ends at once
+            await wait_final(database_url, [first, second])
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    a, b = row(database_url, first), row(database_url, second)
+    assert a["status"] == "SUCCESS" and a["attempts"] == 2  # it may have run: an attempt counted
+    assert b["status"] == "SUCCESS" and b["attempts"] == 1  # handed back unrun: its one run
+    assert not b["result"]["overlap"]

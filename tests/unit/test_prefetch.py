@@ -1,0 +1,154 @@
+"""Prefetch (WORKER_PREFETCH) in the dispatch core: a busy worker's sidecar holds the
+next operation; it is never counted as executing, and comes back unrun when it cannot run."""
+
+from __future__ import annotations
+
+from damops.dispatch import Lease, WorkerState, WorkerTable
+from damops.protocol import StatusUpdate
+
+
+def ready_table(*names: str, prefetch: bool = True) -> WorkerTable:
+    table = WorkerTable(prefetch=prefetch)
+    for name in names:
+        table.add(name, 0.0)
+        table.connected(name, boot=f"boot-{name}", busy=None, undelivered=set(), now=0.0)
+        table.ready(name, pid=100, now=0.0)
+    return table
+
+
+def lease(op_id: int, worker: str = "w1", attempt: int = 1) -> Lease:
+    return Lease(op_id, attempt, worker, "noop", {})
+
+
+def keys(leases: list[Lease]) -> list[tuple[int, int, str]]:
+    return [(held.id, held.attempt, held.worker) for held in leases]
+
+
+def success(op_id: int, attempt: int = 1) -> StatusUpdate:
+    return StatusUpdate(id=op_id, attempt=attempt, outcome="success")
+
+
+def handed_back(op_id: int, attempt: int = 1) -> StatusUpdate:
+    return StatusUpdate.failure(op_id, attempt, "prefetched operation handed back", executed=False)
+
+
+def busy_with_one_held() -> WorkerTable:
+    table = ready_table("w1")
+    assert table.assign(lease(1), 1.0).send == [lease(1)]
+    assert table.claimable() == ["w1"]  # busy, nothing held: may hold the next
+    effects = table.assign(lease(2), 1.0)
+    assert effects.ahead == [lease(2)] and effects.send == []
+    return table
+
+
+def test_without_prefetch_a_busy_worker_is_never_claimed_for():
+    table = ready_table("w1", prefetch=False)
+    table.assign(lease(1), 1.0)
+    assert table.claimable() == []
+    assert table.assign(lease(2), 1.0).releases == [lease(2)]
+
+
+def test_free_workers_come_first_in_claim_order():
+    table = ready_table("w1", "w2")
+    table.assign(lease(1, "w1"), 1.0)
+    assert table.claimable() == ["w2", "w1"]
+
+
+def test_a_held_operation_is_not_executing_and_runs_when_the_first_ends():
+    table = busy_with_one_held()
+    worker = table.workers["w1"]
+    assert worker.lease == lease(1) and worker.next == lease(2)
+    assert table.snapshot(1.0).active == 1 and table.snapshot(1.0).workers[0].operation_id == 1
+    assert table.claimable() == []  # one held at most
+    effects = table.status("w1", success(1), 2.0)
+    assert [c.update.id for c in effects.completions] == [1] and effects.send == []  # the sidecar started it
+    assert worker.lease == lease(2) and worker.next is None and worker.state is WorkerState.ACTIVE
+    table.status("w1", success(2), 3.0)
+    assert worker.lease is None and worker.state is WorkerState.FREE
+
+
+def test_a_handed_back_operation_is_released_and_the_running_one_continues():
+    table = busy_with_one_held()
+    effects = table.status("w1", handed_back(2), 2.0)
+    assert keys(effects.releases) == [(2, 1, "w1")] and effects.completions == []
+    assert table.workers["w1"].lease == lease(1) and table.workers["w1"].next is None
+
+
+def test_drain_withdraws_the_held_operation_and_forgets_the_worker_once_both_are_settled():
+    table = busy_with_one_held()
+    assert table.drain("w1").withdraw == [lease(2)]
+    assert table.claimable() == []
+    table.status("w1", handed_back(2), 2.0)
+    assert "w1" in table.workers  # still running its operation
+    assert table.status("w1", success(1), 3.0).forget == ["w1"]
+
+
+def test_drain_that_races_the_start_waits_for_the_prefetched_one_to_finish():
+    table = busy_with_one_held()
+    table.drain("w1")
+    table.status("w1", success(1), 2.0)  # the sidecar started 2 before the withdraw reached it
+    assert table.workers["w1"].lease == lease(2)
+    assert table.status("w1", success(2), 3.0).forget == ["w1"]
+
+
+def test_a_cancel_of_a_held_operation_withdraws_it_and_cancels_nothing_running():
+    table = busy_with_one_held()
+    effects = table.cancel_requested([(2, 1, "w1")], 2.0, grace=10.0)
+    assert effects.withdraw == [lease(2)] and effects.cancels == [] and effects.restart == []
+
+
+def test_a_lost_worker_recovers_both_since_the_held_one_may_have_started():
+    table = busy_with_one_held()
+    effects = table.lost("w1", "gone", 2.0)
+    assert sorted(c.update.id for c in effects.completions) == [1, 2]
+    assert all(c.update.executed and c.update.retryable for c in effects.completions)
+    assert table.workers["w1"].lease is None and table.workers["w1"].next is None
+
+
+def test_expiry_restarts_the_worker_and_recovers_both():
+    table = busy_with_one_held()
+    effects = table.expire(now=1000.0, limit=600.0)
+    assert effects.restart == ["w1"] and sorted(c.update.id for c in effects.completions) == [1, 2]
+
+
+def test_stop_withdraws_then_releases_both():
+    table = busy_with_one_held()
+    assert table.withdraw_all().withdraw == [lease(2)]
+    assert table.leases() == [lease(1), lease(2)]
+    released = table.release_all()
+    assert released.releases == [lease(1), lease(2)] and table.leases() == []
+    assert table.status("w1", success(1), 2.0).completions == []  # late: not written
+
+
+def test_a_reconnect_with_the_held_one_handed_back_waits_for_its_status_update():
+    table = busy_with_one_held()
+    table.channel_lost("w1", 2.0)
+    effects = table.connected("w1", "boot-w1", busy=(1, 1), undelivered={2}, now=3.0)
+    assert effects.releases == [] and effects.completions == []
+    assert keys(table.status("w1", handed_back(2), 3.0).releases) == [(2, 1, "w1")]
+    assert table.workers["w1"].lease == lease(1)
+
+
+def test_a_reconnect_finding_the_held_one_running_makes_it_the_lease():
+    table = busy_with_one_held()
+    table.channel_lost("w1", 2.0)
+    effects = table.connected("w1", "boot-w1", busy=(2, 1), undelivered={1}, now=3.0)
+    assert effects.releases == [] and effects.completions == []
+    table.status("w1", success(1), 3.0)  # the kept StatusUpdate of the first
+    assert table.workers["w1"].lease == lease(2) and table.workers["w1"].next is None
+
+
+def test_a_reconnect_to_the_same_sidecar_that_never_got_it_releases_it():
+    table = busy_with_one_held()
+    table.channel_lost("w1", 2.0)
+    effects = table.connected("w1", "boot-w1", busy=(1, 1), undelivered=set(), now=3.0)
+    assert effects.releases == [lease(2)] and table.workers["w1"].next is None
+    assert table.workers["w1"].lease == lease(1)
+
+
+def test_a_restarted_sidecar_recovers_the_held_one_as_a_failure():
+    table = busy_with_one_held()
+    table.channel_lost("w1", 2.0)
+    effects = table.connected("w1", "another-boot", busy=None, undelivered=set(), now=3.0)
+    assert sorted(c.update.id for c in effects.completions) == [1, 2]
+    assert table.workers["w1"].lease is None and table.workers["w1"].next is None
