@@ -836,3 +836,24 @@ def test_the_dashboard_is_off_by_default_and_on_serves_damops_ui_behind_a_servic
     read_only = render("--set", "dashboard.enabled=true")
     ro_env = one(read_only, "Deployment", "t-damops-dashboard")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert "DAMOPS_UI_TOKEN" not in {e["name"] for e in ro_env}
+
+
+# --------------------------------------------------------------------------- release workflow
+
+
+def test_release_workflow_builds_both_images_and_the_chart_on_a_tag_and_passes_actionlint(tmp_path: Path) -> None:
+    path = ROOT / ".github" / "workflows" / "release.yml"
+    workflow = yaml.safe_load(path.read_text())
+    assert workflow[True]["push"]["tags"] == ["v*.*.*"]  # YAML reads the key `on` as True
+    text = path.read_text()
+    assert "target: [worker, operator]" in text and "helm package" in text and "helm push" in text
+    actionlint = shutil.which("actionlint")
+    if actionlint is None:
+        _skip("actionlint is not on PATH (go install github.com/rhysd/actionlint/cmd/actionlint@v1.7.12)")
+    proc = subprocess.run([actionlint, "-color=false", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the linter really reads it: a job that needs a job that does not exist is an error
+    broken = tmp_path / "release.yml"
+    broken.write_text(text.replace("runs-on: ubuntu-24.04", "runs-on: ubuntu-24.04\n    needs: [no-such-job]", 1))
+    proc = subprocess.run([actionlint, "-color=false", str(broken)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no-such-job" in proc.stdout, proc.stdout
