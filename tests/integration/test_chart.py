@@ -857,3 +857,13 @@ def test_release_workflow_builds_both_images_and_the_chart_on_a_tag_and_passes_a
     broken.write_text(text.replace("runs-on: ubuntu-24.04", "runs-on: ubuntu-24.04\n    needs: [no-such-job]", 1))
     proc = subprocess.run([actionlint, "-color=false", str(broken)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no-such-job" in proc.stdout, proc.stdout
+
+
+def test_worker_prefetch_value_reaches_the_operator_as_a_setting() -> None:
+    pytest.importorskip("kopf", reason="damops.k8s needs the k8s extra (pip install -e '.[k8s]')")
+    from damops.config import Settings
+
+    for value, expected in (("false", False), ("true", True)):
+        pod = operator_pod(render("--set", f"configuration.digitalAssetManagement.workerPrefetch={value}"))
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert Settings(WORKER_PREFETCH=env["WORKER_PREFETCH"]).worker_prefetch is expected

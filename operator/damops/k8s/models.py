@@ -294,6 +294,13 @@ class WorkerPoolSpec(_Model):
         ),
     )
     timings: Timings = Field(default_factory=Timings, description="Scheduler timings; default: the Helm values.")
+    worker_prefetch: bool | None = Field(
+        default=None,
+        description=(
+            "WORKER_PREFETCH for this pool: a busy worker's sidecar holds the next operation and starts it the "
+            "moment the running one ends; leave off for pools of long operations. Default: the Helm value."
+        ),
+    )
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
     autoscaling: Autoscaling | None = Field(
         default=None,

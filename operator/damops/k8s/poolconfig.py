@@ -18,6 +18,8 @@ def pool_settings(base: Settings, spec: WorkerPoolSpec) -> Settings:
     ):
         if value is not None:
             update[attr] = parse_duration(value)
+    if spec.worker_prefetch is not None:
+        update["worker_prefetch"] = spec.worker_prefetch
     return base.model_copy(update=update)
 
 
@@ -41,4 +43,5 @@ class SchedulerConfig:
             s.max_operation_processing_time,
             s.max_worker_active_time,
             s.operation_wait_interval,
+            s.worker_prefetch,
         )

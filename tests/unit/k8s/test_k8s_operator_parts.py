@@ -57,3 +57,15 @@ def test_pool_timings_override_the_operator_defaults() -> None:
     assert a.key == SchedulerConfig("postgresql://db", "p", "secret", pool_settings(base, spec)).key
     assert a.key != SchedulerConfig("postgresql://db", "p", "rotated", s).key
     assert a.key != SchedulerConfig("postgresql://db", "p", "secret", base).key
+
+
+def test_pool_worker_prefetch_overrides_the_operators_and_restarts_the_scheduler() -> None:
+    base = Settings(WORKER_PREFETCH="false")
+    assert pool_settings(base, WorkerPoolSpec()).worker_prefetch is False
+    on = pool_settings(base, WorkerPoolSpec.model_validate({"workerPrefetch": True}))
+    assert on.worker_prefetch is True
+    assert pool_settings(Settings(WORKER_PREFETCH="true"), WorkerPoolSpec()).worker_prefetch is True
+    off = pool_settings(Settings(WORKER_PREFETCH="true"), WorkerPoolSpec.model_validate({"workerPrefetch": False}))
+    assert off.worker_prefetch is False
+    key = lambda s: SchedulerConfig("postgresql://db", "p", "secret", s).key  # noqa: E731
+    assert key(on) != key(pool_settings(base, WorkerPoolSpec())), "a changed prefetch restarts the scheduler"
