@@ -146,7 +146,6 @@ class Stats:
     readopted: int = 0  # leases kept across a dropped channel
     prefetched: int = 0  # operations sent ahead to a busy worker
     write_errors: int = 0  # StatusUpdates that could not be stored as sent
-    dispatch_latency_seconds_total: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ _SCHEDULER_COUNTERS = {
     "released": "Hand-overs given back without using an attempt (they never reached the trigger function)",
     "recovered": "Operations the scheduler ended as failures: their worker died, expired or was removed",
     "readopted": "Operations kept across a dropped channel or adopted from a sidecar (not run twice)",
+    "prefetched": "Operations sent ahead to a busy worker's sidecar (WORKER_PREFETCH)",
     "dropped_channels": "Scheduler-sidecar channels that dropped",
     "write_errors": "StatusUpdates the database refused as sent (stored as failures naming why)",
 }

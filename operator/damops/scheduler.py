@@ -251,8 +251,6 @@ class Scheduler:
                 self._apply(self.table.assign(lease, time.monotonic()))
         for lease in result.claimed:
             self._apply(self.table.assign(lease, time.monotonic()))
-        if result.claimed:
-            self.stats.dispatch_latency_seconds_total += time.monotonic() - started
         if self._writes or (result.claimed and len(result.claimed) == len(free)):
             self._wake.set()  # more to write, or the queue may hold more: look again
 

@@ -297,6 +297,25 @@ def test_scale_up_and_down_loses_no_active_operation(claim_log: Any) -> None:
     assert "ScalingUp" in events and "Draining" in events
 
 
+def test_prefetching_pool_hands_back_held_operations_when_scaled_down() -> None:
+    """spec.workerPrefetch: busy workers' sidecars hold the next operation. Scaling down drains
+    them; what they held goes back to the queue unrun: every operation ends SUCCESS after
+    exactly one counted attempt."""
+    name = f"prefetch-{RUN}"
+    apply_pool(name, 3, workerPrefetch=True)
+    wait_ready(name, 3)
+    ids = enqueue(name, "sleep", 18, {"seconds": 1})
+    wait_for("3 active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 3, 60, 0.3)
+    kubectl("scale", f"workerpool/{name}", "--replicas=1")
+    final = wait_all_final(ids, timeout=240)
+    assert all(r["status"] == "SUCCESS" and r["attempts"] == 1 for r in final), final
+    prefetched = operator_metrics().get(
+        f'damops_operations_prefetched_total{{namespace="{NS}",workerpool="{name}"}}', 0.0
+    )
+    assert prefetched > 0, "the pool never sent an operation ahead: prefetch was not on"
+    wait_ready(name, 1, timeout=120)
+
+
 def test_expired_worker_pod_is_replaced_and_its_operation_recovered() -> None:
     name = f"expire-{RUN}"
     apply_pool(name, 2, timings={"maxWorkerActiveTime": "6s"})

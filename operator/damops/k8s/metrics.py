@@ -30,6 +30,9 @@ CLAIMED = Counter("damops_operations_claimed", "Operations claimed for workers",
 SUCCEEDED = Counter("damops_operations_succeeded", "Operations that reached SUCCESS", _LABELS)
 FAILED = Counter("damops_operations_failed", "Operations that reached FAILED", _LABELS)
 RETRIED = Counter("damops_operations_retried", "Operations given back for another attempt", _LABELS)
+PREFETCHED = Counter(
+    "damops_operations_prefetched", "Operations sent ahead to a busy worker's sidecar (workerPrefetch)", _LABELS
+)
 WORKER_RESTARTS = Counter("damops_worker_restarts", "Worker pods replaced by the operator", _LABELS + ("reason",))
 ROUNDS = Counter("damops_reconcile_rounds", "Reconcile rounds of a WorkerPool's daemon", _LABELS)
 API_REQUESTS = Counter(
@@ -41,6 +44,7 @@ _STATS = {
     "succeeded": SUCCEEDED,
     "failed": FAILED,
     "retried": RETRIED,
+    "prefetched": PREFETCHED,
 }
 
 _started = False
