@@ -4,11 +4,17 @@
 #   make kind-down
 # Two paths (docs/kubernetes.md, "kind"):
 #   Docker (a laptop): docker, kind, kubectl and helm on PATH; images from the registries.
-#   podman, offline (Linux, root, no Docker, no registry): the default where docker is not on
-#     PATH. kind, kubectl, helm, the node image (hack/kind-node-image), the damops base and the
+#   podman, offline (Linux, root, no Docker, no registry): the default where no Docker daemon
+#     answers. kind, kubectl, helm, the node image (hack/kind-node-image), the damops base and the
 #     PostgreSQL image (hack/kind-images) are built here from Go modules and Debian packages,
 #     cached under ~/.cache/damops.
-DOCKER ?= $(if $(shell command -v docker 2>/dev/null),docker,podman)
+# docker when a Docker daemon answers (a docker client alone is not enough), else podman;
+# asked only when a kind-* target runs
+ifneq ($(filter kind-%,$(MAKECMDGOALS)),)
+ifeq ($(origin DOCKER),undefined)
+DOCKER := $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+endif
+endif
 KIND_PODMAN := $(filter podman,$(notdir $(DOCKER)))
 # 1 = build everything locally (the podman path); empty = take it from the registries
 KIND_OFFLINE ?= $(if $(KIND_PODMAN),1,)
