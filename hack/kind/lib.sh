@@ -86,6 +86,15 @@ add_host_cas() {
     fi
 }
 
+# commit_replacing CONTAINER IMAGE: commit, then drop the image IMAGE named before (a rebuild
+# would otherwise leave a dangling GB behind each time)
+commit_replacing() {
+    local old; old="$(buildah inspect --type image --format '{{.FromImageID}}' "$2" 2>/dev/null || true)"
+    buildah commit -q "$1" "$2" >/dev/null
+    [[ -n "$old" && "$old" != "$(buildah inspect --type image --format '{{.FromImageID}}' "$2")" ]] && buildah rmi "$old" >/dev/null 2>&1
+    return 0
+}
+
 image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 image_label() { buildah inspect --type image --format "{{index .ImageAnnotations \"$2\"}}{{index .OCIv1.Config.Labels \"$2\"}}" "$1" 2>/dev/null; }
 
@@ -98,5 +107,6 @@ save_archive() {
 
 # a hash of the given files and strings: the cache key of an image built from them
 cache_key() {
-    { for a in "$@"; do if [[ -f "$a" ]]; then sha256sum "$a"; else echo "$a"; fi; done; } | sha256sum | cut -c1-16
+    # contents only: the key must not depend on how a file was named (relative or absolute)
+    { for a in "$@"; do if [[ -f "$a" ]]; then sha256sum <"$a"; else echo "$a"; fi; done; } | sha256sum | cut -c1-16
 }
