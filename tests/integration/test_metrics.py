@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import psycopg
@@ -42,7 +43,20 @@ def test_runs_durations_queue_times_and_workers_are_exported(database_url):
                         + [NewOperation("fail", {"message": "x"}, pool=pool, max_attempts=1)],
                     )
                 await wait_final(database_url, ids)
-                return before, scrape(served.port)
+                # a run is counted just after its row is stored: wait for the last one to show
+                deadline = time.monotonic() + 30
+                while True:
+                    after = scrape(served.port)
+                    counted = sum(
+                        value(after, "damops_operation_runs_total", pool=pool, trigger_function=t, status=s)
+                        for t, s in (("noop", "SUCCESS"), ("fail", "FAILED"))
+                    ) - sum(
+                        value(before, "damops_operation_runs_total", pool=pool, trigger_function=t, status=s)
+                        for t, s in (("noop", "SUCCESS"), ("fail", "FAILED"))
+                    )
+                    if counted >= len(ids) or time.monotonic() > deadline:
+                        return before, after
+                    await asyncio.sleep(0.05)
             finally:
                 served.close()
 
