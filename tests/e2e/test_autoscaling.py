@@ -197,10 +197,11 @@ def test_a_burst_grows_the_pool_to_max_drains_and_shrinks_back_without_interrupt
     assert all(r["status"] == "SUCCESS" and r["attempts"] == 1 for r in final), [
         r for r in final if r["status"] != "SUCCESS" or r["attempts"] != 1
     ][:5]
-    # no scale decision interrupted an operation: each was claimed exactly once
+    # no scale decision interrupted an operation: each ran exactly once (a hand-over given back
+    # unrun by a worker being removed is claimed again, but never ran)
     claimed = claim_log(ids)
     assert set(claimed) == set(ids)
-    assert {i: w for i, w in claimed.items() if len(w) > 1} == {}
+    assert base.runs_of(ids) == {op_id: [(1, "success")] for op_id in ids}
     st = status(name)
     assert st["autoscaling"]["lastScaleReason"] == "ScaleDown" and st["autoscaling"]["lastScaleTime"]
     messages = autoscaled_events(name)
