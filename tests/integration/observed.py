@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.support.procs import LineReader
+from tests.support.procs import LineReader, stop_process
 
 TRIGGERS = "tests.integration.observed"
 
@@ -64,14 +63,7 @@ class DamopsRun:
 
     def stop(self) -> None:
         """SIGTERM, as a supervisor would; the children go with it."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.stderr.join(10)
+        stop_process(self.process, self.stderr, grace=60)
 
     def json_lines(self) -> list[dict[str, Any]]:
         """Every JSON log line so far (``damops run: ...`` notices are plain text)."""

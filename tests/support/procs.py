@@ -61,6 +61,18 @@ class LineReader:
         self._thread.join(timeout)
 
 
+def stop_process(process: subprocess.Popen, reader: LineReader, grace: float) -> None:
+    """SIGTERM, as a supervisor would; SIGKILL after ``grace`` seconds; then drain its stderr reader."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+    reader.join(10)
+
+
 def listening_socket() -> socket.socket:
     """A TCP socket bound to a port the kernel picked, already listening: hand
     it to a child with ``--listen-fd``; connections queue until it accepts."""
@@ -105,11 +117,4 @@ class SidecarProcess:
         self.stderr.wait_for("listening: worker socket", timeout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.stderr.join(10)
+        stop_process(self.process, self.stderr, grace=10)
