@@ -156,8 +156,11 @@ class Sidecar:
                     raise ProtocolError(f"unexpected {message.type} from the worker")
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             reason = f"worker connection dropped: {exc or type(exc).__name__}"
-            # Expected when both were told to stop; a warning otherwise.
-            (log.info if self.terminating else log.warning)("%s", reason, extra=self._about(self.assignment))
+            # Expected when both were told to stop, or when an idle worker closed its end
+            # between frames (it was told to stop first; its supervisor says why it ended).
+            # A warning when an operation was lost or the connection broke mid-frame.
+            quiet = self.terminating or (self.assignment is None and _closed_between_frames(exc))
+            (log.info if quiet else log.warning)("%s", reason, extra=self._about(self.assignment))
         finally:
             beat.cancel()
             self.worker = None
@@ -310,6 +313,11 @@ class Sidecar:
             pass
         finally:
             writer.close()
+
+
+def _closed_between_frames(exc: BaseException) -> bool:
+    """The peer closed its end cleanly: end of stream where the next frame would start."""
+    return isinstance(exc, asyncio.IncompleteReadError) and not exc.partial and exc.expected == protocol.HEADER_BYTES
 
 
 def _handed_back(op: Operation, reason: str) -> StatusUpdate:

@@ -113,3 +113,17 @@ def test_a_pool_no_scheduler_can_serve_stops_start_up(database_url, pool):
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 2, out
     assert "invalid configuration: DAMOPS_POOL=" in out and "Traceback" not in out
+
+
+def test_a_clean_stop_logs_no_warning(database_url):
+    """Stopping idle workers is routine: their sidecars must not warn about the dropped connections."""
+    process = start(database_url, WORKER_COUNT="4")
+    try:
+        read_until(process, r"workers pre-heated")
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out
+        assert [line for line in out.splitlines() if "WARNING" in line or "ERROR" in line] == [], out
+    finally:
+        if process.poll() is None:
+            process.kill()
