@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from damops_suite import DamopsPool, _enqueue_batch, _unfinished
-from util import latency_summary, load, wait_until
+from damops_suite import DamopsPool, _enqueue_batch
+from util import latency_summary, load
 
 from damops.db import migrate
 from damops.operations import NewOperation
@@ -87,15 +87,12 @@ async def run_one(
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as poller:
             warm = [NewOperation(TRIGGER, {"seconds": 0}, pool=pool_name)] * (2 * workers)
             await asyncio.to_thread(_enqueue_batch, producer, warm)
-
-            async def drained() -> bool:
-                return await _unfinished(poller, pool_name) == 0
-
-            await wait_until(drained, 0.02, 120, "warm-up")
+            await pool.until_finished(pool.finished() + len(warm), 0.02, 120, "warm-up")
             ops = [NewOperation(TRIGGER, {"seconds": seconds}, pool=pool_name)] * (workers * per_worker)
             cpu_before = pool.cpu.snapshot()
+            target = pool.finished() + len(ops)
             ids, started, _ = await asyncio.to_thread(_enqueue_batch, producer, ops)
-            await wait_until(drained, 0.01, 600, f"{len(ops)} operations of {seconds * 1000:g} ms")
+            await pool.until_finished(target, 0.01, 600, f"{len(ops)} operations of {seconds * 1000:g} ms")
             wall = time.perf_counter() - started
             cpu = pool.cpu.delta(cpu_before, pool.cpu.snapshot())
             cur = await poller.execute(
