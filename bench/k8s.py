@@ -10,7 +10,8 @@ namespace of its own and measures:
   until 10 and until all of its worker pods are Ready (a pod is Ready when its
   worker is pre-heated and connected);
 * throughput through pods: ``--ops`` no-op operations enqueued in one
-  transaction with ``--workers`` workers, until none is left unfinished;
+  transaction with ``--workers`` workers (after the start-up pool's extra pods
+  are gone and one small warm-up batch), until none is left unfinished;
   ``--rounds`` times, median and range;
 * operator CPU: ``process_cpu_seconds_total`` of the operator pod over each
   round, as CPU per operation and as cores per 1,000 operations/s;
@@ -86,7 +87,8 @@ def scale(ns: Namespace, pool: str, replicas: int) -> None:
     ns.kubectl("patch", "workerpool", pool, "--type=merge", "-p", json.dumps({"spec": {"replicas": replicas}}))
     ns.wait_for(
         f"{replicas} Ready workers",
-        lambda: len(ns.live_pods(pool)) == replicas and ready_pods(ns, pool) == replicas,
+        # Terminating pods gone too: their teardown would share the CPU with the rounds.
+        lambda: len(ns.pods(pool)) == replicas == len(ns.live_pods(pool)) and ready_pods(ns, pool) == replicas,
         timeout=600,
         interval=1,
     )
@@ -178,6 +180,7 @@ def main() -> int:
         print(f"start-up: {args.max_workers} workers, seconds to N Ready: {result['startup_seconds_to_ready']}")
         scale(ns, pool, args.workers)
         throughput_round(ns, db_url, pool, min(200, args.ops))  # warm-up
+        throughput_round(ns, db_url, pool, max(args.ops // 10, 100))  # warm-up: connections, first claims
         rounds = [throughput_round(ns, db_url, pool, args.ops) for _ in range(args.rounds)]
         for r in rounds:
             print(f"  round: {r}")
