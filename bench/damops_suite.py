@@ -134,7 +134,7 @@ class DamopsPool:
 
         await wait_until(reached, poll_interval, timeout, what)
 
-    async def start(self, timeout: float = 180.0) -> None:
+    async def start(self, timeout: float = 180.0, poll_interval: float = 0.02) -> None:
         await self.scheduler.start()
         started = time.monotonic()
         await self.supervisor.start()
@@ -143,7 +143,7 @@ class DamopsPool:
         async def all_free() -> bool:
             return self.scheduler.snapshot().free == self.workers
 
-        await wait_until(all_free, 0.02, timeout, f"{self.workers} workers to be pre-heated")
+        await wait_until(all_free, poll_interval, timeout, f"{self.workers} workers to be pre-heated")
         self.preheat_seconds = time.monotonic() - started
         with psycopg.connect(self.url) as conn:
             data_directory = str(conn.execute("SHOW data_directory").fetchone()[0])  # type: ignore[index]

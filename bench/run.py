@@ -344,6 +344,13 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def batch_cpu_us(runs: list[dict[str, Any]]) -> float | None:
+    """Total CPU per operation of the median batch (the upper one of an even count); None unmeasured."""
+    if not runs or "cpu_per_op" not in runs[0]:
+        return None
+    return sorted(run["cpu_per_op"]["total"]["cpu_us"] for run in runs)[len(runs) // 2]
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every #13 target with the figure measured and whether it is met (None: not measured)."""
     out: list[dict[str, Any]] = []
@@ -374,8 +381,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"{label}: enqueue->start p50", lat.get("p50_ms"), TARGETS["p50_ms"], False, "ms")
         add(f"{label}: enqueue->start p99", lat.get("p99_ms"), TARGETS["p99_ms"], False, "ms")
         runs = d["throughput"]["runs"]
-        cpu = sorted(run["cpu_per_op"]["total"]["cpu_us"] for run in runs)[len(runs) // 2] if runs else None
-        add(f"{label}: CPU per operation", cpu, TARGETS["cpu_us_per_op"], False, "us")
+        add(f"{label}: CPU per operation", batch_cpu_us(runs), TARGETS["cpu_us_per_op"], False, "us")
     for u in report.get("utilisation", []):
         goal = TARGETS["utilisation_percent"].get(u["operation_ms"])
         if goal is None:
@@ -415,9 +421,7 @@ def table(report: dict[str, Any]) -> str:
         n = tp["runs"][0]["ops"] if tp.get("runs") else None
         label = f"{label} ({len(tp['runs'])} batches)" if tp.get("runs") else label
         minmax = f"{fmt(tp.get('min_ops_per_s'))}-{fmt(tp.get('max_ops_per_s'))}" if tp else "-"
-        cpu = None
-        if tp.get("runs") and "cpu_per_op" in tp["runs"][0]:
-            cpu = sorted(run["cpu_per_op"]["total"]["cpu_us"] for run in tp["runs"])[len(tp["runs"]) // 2]
+        cpu = batch_cpu_us(tp.get("runs", []))
         lines.append(
             f"{label:<50} {fmt(n, 'd'):>6} {fmt(tp.get('ops_per_s')):>8} {minmax:>13} "
             f"{fmt(lat.get('p50_ms'), '.2f'):>7} {fmt(lat.get('p99_ms'), '.2f'):>7} "

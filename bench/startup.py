@@ -1,8 +1,8 @@
 """Start-up: how long a pool of N workers takes to be pre-heated (every worker free).
 
-Each sample starts a Scheduler and a LocalSupervisor as ``damops run`` does and
-times ``supervisor.start()`` -> the scheduler sees every worker free; then
-stops them. Standalone:
+Each sample starts a pool as ``damops run`` does (``damops_suite.DamopsPool``:
+scheduler, housekeeping, supervisor) and times ``supervisor.start()`` -> the
+scheduler sees every worker free; then stops it. Standalone:
 
     .venv/bin/python bench/startup.py --database-url URL [--workers 16] [--samples 3]
 """
@@ -11,37 +11,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
 import time
 from typing import Any
 
-from util import wait_until
+from damops_suite import DamopsPool
 
-from damops.config import Settings
 from damops.db import migrate
-from damops.local import LocalSupervisor
-from damops.scheduler import Scheduler
 
 
-async def one_start(url: str, workers: int, pool: str) -> float:
-    secret = secrets.token_hex(16)
-    settings = Settings(database_url=url, worker_count=workers, pool=pool, secret=secret)
-    scheduler = Scheduler(settings, url, secret=secret)
-    supervisor = LocalSupervisor(scheduler, workers, secret)
-    await scheduler.start()
-    started = time.monotonic()
+async def one_start(url: str, workers: int, pool_name: str) -> float:
+    pool = DamopsPool(url, workers, pool_name)
     try:
-        await supervisor.start()
-
-        async def all_free() -> bool:
-            return scheduler.snapshot().free == workers
-
-        await wait_until(all_free, 0.005, 120, f"{workers} workers to be pre-heated")
-        return time.monotonic() - started
+        await pool.start(timeout=120, poll_interval=0.005)
+        return pool.preheat_seconds
     finally:
-        await scheduler.stop(grace=5)
-        await supervisor.stop()
+        await pool.stop()
 
 
 async def run_startup(url: str, workers: int, samples: int, run_tag: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
 
 ENTRY_POINT_GROUP = "damops.trigger_functions"
 
@@ -47,6 +47,15 @@ class Wait:
     reason: str = ""
 
 
+class CancelFlag(Protocol):
+    """What a Context reads its cancel from: a :class:`threading.Event`, or the
+    worker's flag that reads the socket when looked at."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 @dataclass
 class Context:
     """What a trigger function gets besides its inputs."""
@@ -55,7 +64,7 @@ class Context:
     attempt: int
     logger: logging.Logger
     _report_progress: Callable[[str | None, float | None], None] = field(repr=False)
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancel: CancelFlag = field(default_factory=threading.Event, repr=False)
 
     def progress(self, message: str | None = None, fraction: float | None = None) -> None:
         """Say the operation is still moving; refreshes the worker's lastTouched."""

@@ -92,7 +92,7 @@ class BlockingChannel:
         if not self._read_lock.acquire(blocking=False):
             return
         try:
-            if timeout > 0 and not self._eof and not self._frame_buffered():
+            if timeout > 0 and not self._eof and not self._frame_waiting():
                 poller = select.poll()
                 poller.register(self.sock, select.POLLIN)
                 poller.poll(timeout * 1000)
@@ -121,22 +121,28 @@ class BlockingChannel:
             self._eof = True
         self._buffer += data
 
-    def _frame_buffered(self) -> bool:
+    def _frame_end(self) -> int | None:
+        """Where the first buffered frame ends once all of it has arrived, else None.
+        Raises ProtocolError when its header announces too large a frame."""
         if len(self._buffer) < protocol.HEADER_BYTES:
-            return False
-        length = int.from_bytes(self._buffer[: protocol.HEADER_BYTES], "big")
-        return len(self._buffer) >= protocol.HEADER_BYTES + length
+            return None
+        header = bytes(self._buffer[: protocol.HEADER_BYTES])
+        end = protocol.HEADER_BYTES + protocol.frame_length(header, self.max_frame_bytes)
+        return end if len(self._buffer) >= end else None
+
+    def _frame_waiting(self) -> bool:
+        """A frame (or a bad header to report) is buffered: nothing to wait for."""
+        try:
+            return self._frame_end() is not None
+        except protocol.ProtocolError:
+            return True
 
     def _next_buffered(self) -> protocol.Message | None:
-        if len(self._buffer) < protocol.HEADER_BYTES:
+        end = self._frame_end()
+        if end is None:
             if self._eof:
-                raise EOFError("the sidecar closed the connection")
-            return None
-        length = protocol.frame_length(bytes(self._buffer[: protocol.HEADER_BYTES]), self.max_frame_bytes)
-        end = protocol.HEADER_BYTES + length
-        if len(self._buffer) < end:
-            if self._eof:
-                raise EOFError("the sidecar closed the connection mid-frame")
+                partial = len(self._buffer) >= protocol.HEADER_BYTES
+                raise EOFError("the sidecar closed the connection" + (" mid-frame" if partial else ""))
             return None
         body = bytes(self._buffer[protocol.HEADER_BYTES : end])
         del self._buffer[:end]
@@ -344,7 +350,7 @@ class WorkerRuntime:
             return protocol.encode(StatusUpdate.failure(update.id, update.attempt, clean_text(reason), retryable=False))
 
 
-class _CancelSignal(threading.Event):
+class _CancelSignal:
     """The running operation's cancel flag as its context sees it: looking at it
     reads the socket first (at most every CHECK_EVERY seconds when it only peeks),
     so a Cancel arrives without a reader thread woken for every operation."""
@@ -352,7 +358,6 @@ class _CancelSignal(threading.Event):
     CHECK_EVERY = 0.01
 
     def __init__(self, flag: threading.Event, pump: Callable[[float], None]) -> None:
-        super().__init__()
         self._flag = flag
         self._pump_messages = pump
         self._checked = 0.0
@@ -363,9 +368,6 @@ class _CancelSignal(threading.Event):
             self._checked = now
             self._pump_messages(0)
         return self._flag.is_set()
-
-    def set(self) -> None:
-        self._flag.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -31,6 +31,13 @@ def value(samples, name, **labels) -> float:
 def test_runs_durations_queue_times_and_workers_are_exported(database_url):
     pool = "metrics-pool"
 
+    def runs(samples) -> float:
+        """Runs of this test's two kinds of operation counted so far."""
+        return sum(
+            value(samples, "damops_operation_runs_total", pool=pool, trigger_function=t, status=s)
+            for t, s in (("noop", "SUCCESS"), ("fail", "FAILED"))
+        )
+
     async def scenario():
         async with running_engine(database_url, settings(worker_count=2, pool=pool)) as engine:
             served = metrics.serve(0, pool, engine.scheduler.snapshot)
@@ -47,14 +54,7 @@ def test_runs_durations_queue_times_and_workers_are_exported(database_url):
                 deadline = time.monotonic() + 30
                 while True:
                     after = scrape(served.port)
-                    counted = sum(
-                        value(after, "damops_operation_runs_total", pool=pool, trigger_function=t, status=s)
-                        for t, s in (("noop", "SUCCESS"), ("fail", "FAILED"))
-                    ) - sum(
-                        value(before, "damops_operation_runs_total", pool=pool, trigger_function=t, status=s)
-                        for t, s in (("noop", "SUCCESS"), ("fail", "FAILED"))
-                    )
-                    if counted >= len(ids) or time.monotonic() > deadline:
+                    if runs(after) - runs(before) >= len(ids) or time.monotonic() > deadline:
                         return before, after
                     await asyncio.sleep(0.05)
             finally:
