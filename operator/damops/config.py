@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     # After a cancel reached a running operation: how long it may take to stop
     # before its worker is killed and replaced.
     cancel_grace: Duration = Field(default=10.0, validation_alias="CANCEL_GRACE")
-    # A busy worker's sidecar holds the pool's next operation and starts it the moment
+    # A busy worker is sent the pool's next operation ahead and starts it the moment
     # the running one ends (no scheduler round trip between two operations). Off by
     # default: in a pool of long operations a short one would wait behind a long one.
     worker_prefetch: bool = Field(default=False, validation_alias="WORKER_PREFETCH")

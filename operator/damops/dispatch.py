@@ -15,11 +15,11 @@ still be running it, so the lease is kept until the sidecar says what became
 of it, or the worker is gone, or it expires.
 
 With prefetch (WORKER_PREFETCH) a busy worker may also hold one ``next`` lease:
-sent ahead, held by its sidecar, started there the moment the running one ends
-(the scheduler learns it from that StatusUpdate). It is not executing: drain,
-cancel, stop and a new scheduler get it handed back unrun (released); when the
-worker is lost or restarted it is recovered like the running one, since the
-sidecar may have started it meanwhile.
+sent ahead, waiting in the worker's socket (its sidecar knows of it), started by
+the worker the moment the running one ends (the scheduler learns it from that
+StatusUpdate). It is not executing: drain, cancel, stop and a new scheduler get
+it handed back unrun (released) unless it started first; when the worker is lost
+or restarted it is recovered like the running one, since it may have started.
 """
 
 from __future__ import annotations

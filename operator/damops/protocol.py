@@ -61,7 +61,8 @@ class Welcome(_Message):
     # A new value per sidecar process: a scheduler can tell a sidecar that
     # restarted (and forgot its operation) from one that only lost a channel.
     boot: str = ""
-    # Ids of the StatusUpdates kept for the scheduler; they follow this message.
+    # Ids of the StatusUpdates kept for the scheduler, and of a prefetched operation
+    # its worker still holds (withdrawn: handed back or run); they follow this message.
     undelivered: list[int] = Field(default_factory=list)
 
 
@@ -87,8 +88,9 @@ class Operation(_Message):
     # W3C trace context (traceparent, tracestate) the worker's run span continues
     # (damops.tracing). Left out of the frame when None: untraced frames are unchanged.
     trace_context: dict[str, Any] | None = Field(default=None, exclude_if=lambda value: value is None)
-    # Sent ahead to a busy worker (WORKER_PREFETCH): its sidecar holds it and starts
-    # it the moment the running one ends, or hands it back unrun. Left out when False.
+    # Sent ahead to a busy worker (WORKER_PREFETCH): it waits in the worker's socket
+    # and starts the moment the running one ends, or is handed back unrun on a
+    # Withdraw. Left out when False.
     prefetched: bool = Field(default=False, exclude_if=lambda value: not value)
 
 
@@ -117,6 +119,11 @@ class StatusUpdate(_Message):
         """The one constructor of a failure StatusUpdate (worker, sidecar and scheduler alike)."""
         return cls(id=id, attempt=attempt, outcome="failure", error=error, retryable=retryable, **extra)
 
+    @classmethod
+    def handed_back(cls, id: int, attempt: int, reason: str) -> StatusUpdate:
+        """A prefetched operation given back before it started: not an attempt."""
+        return cls.failure(id, attempt, f"prefetched operation handed back: {reason}", executed=False)
+
 
 class Progress(_Message):
     """Refreshes the worker's lastTouched while a long operation runs."""
@@ -136,12 +143,14 @@ class Cancel(_Message):
 
 
 class Withdraw(_Message):
-    """Scheduler -> sidecar: hand back this prefetched operation if it has not started
-    (the answer is a StatusUpdate with ``executed`` False); ignored once it runs."""
+    """Scheduler -> sidecar -> worker: hand back this prefetched operation if it has not
+    started (the answer is a StatusUpdate with ``executed`` False); ignored once it runs."""
 
     type: Literal["withdraw"] = "withdraw"
     id: int
     attempt: int
+    # Why, for the hand-back's error text (set by the sidecar). Left out when None.
+    reason: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class Heartbeat(_Message):

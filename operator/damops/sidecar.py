@@ -55,7 +55,9 @@ class Sidecar:
         self.worker_ready: Ready | None = None
         self.scheduler: protocol.Channel | None = None
         self.assignment: Operation | None = None  # what the worker is running
-        self.held: tuple[Operation, bytes] | None = None  # prefetched: starts when the running one ends
+        # Prefetched: already in the worker's socket, it starts when the running one
+        # ends (no wake-up of this process between the two) unless withdrawn first.
+        self.held: Operation | None = None
         self.undelivered: list[StatusUpdate] = []
         self.stopped = asyncio.Event()
         self.boot = secrets.token_hex(8)
@@ -108,7 +110,7 @@ class Sidecar:
                 extra=self._about(self.assignment),
             )
         self.terminating = True
-        self._hand_back("its sidecar is stopping")
+        self._withdraw_held("its sidecar is stopping")
         self._exit_when_idle()
 
     def _exit_when_idle(self) -> None:
@@ -142,9 +144,11 @@ class Sidecar:
             while True:
                 message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, StatusUpdate):
-                    if self.assignment and self.assignment.id == message.id:
-                        self.assignment = None
-                        self._start_held()
+                    if self.held and self.held.id == message.id:
+                        self.held = None  # withdrawn: the worker handed it back unrun
+                    elif self.assignment and self.assignment.id == message.id:
+                        # The worker starts the held one (if any) right after this StatusUpdate.
+                        self.assignment, self.held = self.held, None
                     self._deliver(message, frame)
                 elif isinstance(message, Progress):
                     if self.scheduler is not None:
@@ -195,10 +199,9 @@ class Sidecar:
             log.warning("dropping scheduler connection from %s: %s", channel.peer, exc)
             await channel.close()
             return
-        if self.held is not None:
-            # Prefetched for an earlier scheduler: handed back through this one (it follows the Welcome).
-            op, self.held = self.held[0], None
-            self.undelivered.append(_handed_back(op, "a new scheduler connected"))
+        # Prefetched for an earlier scheduler: withdrawn; its worker's answer (handed back,
+        # or its StatusUpdate if it started meanwhile) follows the Welcome.
+        self._withdraw_held("a new scheduler connected")
         previous, self.scheduler = self.scheduler, channel
         if previous is not None:  # the newest scheduler wins (e.g. after an operator restart)
             await previous.close()
@@ -209,7 +212,7 @@ class Sidecar:
                 busy_operation=busy.id if busy else None,
                 busy_attempt=busy.attempt if busy else None,
                 boot=self.boot,
-                undelivered=[update.id for update in self.undelivered],
+                undelivered=[update.id for update in self.undelivered] + ([self.held.id] if self.held else []),
             )
         )
         for update in self.undelivered:
@@ -229,8 +232,8 @@ class Sidecar:
                     if running and (running.id, running.attempt) == (message.id, message.attempt) and self.worker:
                         self.worker.send_frame_nowait(frame)
                 elif isinstance(message, Withdraw):
-                    if self.held and (self.held[0].id, self.held[0].attempt) == (message.id, message.attempt):
-                        self._hand_back("withdrawn by the scheduler")
+                    if self.held and (self.held.id, self.held.attempt) == (message.id, message.attempt):
+                        self._withdraw_held("withdrawn by the scheduler")
                 elif isinstance(message, Shutdown):
                     if self.worker is not None:
                         self.worker.send_nowait(message)
@@ -246,13 +249,14 @@ class Sidecar:
             beat.cancel()
             if self.scheduler is channel:
                 self.scheduler = None
-                self._hand_back("its scheduler's channel dropped")  # kept for the next scheduler
+                self._withdraw_held("its scheduler's channel dropped")  # the answer is kept for the next one
             await channel.close()
 
     def _assign(self, op: Operation, frame: bytes) -> None:
         ready = self.worker is not None and self.worker_ready is not None and not self.terminating
-        if ready and self.assignment is not None and op.prefetched and self.held is None:
-            self.held = (op, frame)
+        if ready and self.worker is not None and self.assignment is not None and op.prefetched and not self.held:
+            self.held = op
+            self.worker.send_frame_nowait(frame)
             return
         if self.worker is None or not ready or self.assignment is not None:
             state = "busy" if self.assignment else "stopping" if self.terminating else "not ready"
@@ -261,17 +265,18 @@ class Sidecar:
         self.assignment = op
         self.worker.send_frame_nowait(frame)
 
-    def _start_held(self) -> None:
-        """The running operation ended: the prefetched one starts at once, no round trip."""
-        if self.held is not None and self.worker is not None and not self.terminating:
-            (self.assignment, frame), self.held = self.held, None
-            self.worker.send_frame_nowait(frame)
+    def _withdraw_held(self, reason: str) -> None:
+        """Ask the worker to hand the prefetched operation back unrun. It answers with a
+        StatusUpdate: handed back, or (it had started) the run's own."""
+        if self.held is not None and self.worker is not None:
+            self.worker.send_nowait(Withdraw(id=self.held.id, attempt=self.held.attempt, reason=reason))
 
     def _hand_back(self, reason: str) -> None:
-        """A prefetched operation that will not run here goes back unrun (its attempt given back)."""
+        """The worker is gone before it started the prefetched operation (it starts one
+        only after the running one's StatusUpdate): it goes back unrun, its attempt given back."""
         if self.held is not None:
-            op, self.held = self.held[0], None
-            self._deliver(_handed_back(op, reason))
+            op, self.held = self.held, None
+            self._deliver(StatusUpdate.handed_back(op.id, op.attempt, reason))
 
     def _deliver(self, update: StatusUpdate, frame: bytes | None = None) -> None:
         """To the scheduler now, or kept for the next one that connects."""
@@ -318,10 +323,6 @@ class Sidecar:
 def _closed_between_frames(exc: BaseException) -> bool:
     """The peer closed its end cleanly: end of stream where the next frame would start."""
     return isinstance(exc, asyncio.IncompleteReadError) and not exc.partial and exc.expected == protocol.HEADER_BYTES
-
-
-def _handed_back(op: Operation, reason: str) -> StatusUpdate:
-    return StatusUpdate.failure(op.id, op.attempt, f"prefetched operation handed back: {reason}", executed=False)
 
 
 def _ends_quietly(

@@ -2,7 +2,9 @@
 
 It talks only to its sidecar, over a Unix socket. It connects, proves it knows
 the shared secret, says Ready, then runs each Operation it is given and answers
-with exactly one StatusUpdate.
+with exactly one StatusUpdate. With prefetch the next Operation may already wait
+in the socket: the worker starts it right after the running one's StatusUpdate,
+unless a Withdraw for it came first (then it goes back unrun).
 
 A worker does one thing at a time, so it uses plain blocking sockets: the main
 thread receives and runs operations (no hand-over between threads: one wake-up
@@ -32,7 +34,7 @@ from typing import Any
 from damops import logs, protocol, tracing
 from damops.lifeline import die_with_parent
 from damops.logs import OperationFields
-from damops.protocol import Cancel, Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate
+from damops.protocol import Cancel, Heartbeat, Operation, Progress, Ready, Shutdown, StatusUpdate, Withdraw
 from damops.triggers import Context, PermanentError, Retry, TriggerRegistry, UnknownTriggerFunction, Wait
 
 log = logging.getLogger("damops.worker")
@@ -116,6 +118,14 @@ class BlockingChannel:
         finally:
             self._read_lock.release()
 
+    def take_kept(self, wanted: Callable[[protocol.Message], bool]) -> protocol.Message | None:
+        """Remove and return the first kept message ``wanted`` accepts. Only from a
+        :meth:`pump`'s ``consume`` (the reader's lock is held then)."""
+        for index, message in enumerate(self._kept):
+            if wanted(message):
+                return self._kept.pop(index)
+        return None
+
     def _read(self, data: bytes) -> None:
         if not data:
             self._eof = True
@@ -173,6 +183,7 @@ class WorkerRuntime:
         self._channel: BlockingChannel | None = None
         self._current: tuple[int, int] | None = None  # the running operation (id, attempt)
         self._cancel = threading.Event()  # set when the running operation is cancelled
+        self._withdrawal: str | None = None  # why the operation about to start was withdrawn
         self._running = False
         self._terminating = False
         self.pool = os.environ.get("DAMOPS_POOL") or None  # set for worker pods and by damops run: for log lines
@@ -204,11 +215,14 @@ class WorkerRuntime:
                     log.info("worker %s shutting down", self.name)
                     return
                 if not isinstance(message, Operation):
-                    if not isinstance(message, (Heartbeat, Cancel)):  # a Cancel for an operation that ended
+                    if not isinstance(message, (Heartbeat, Cancel, Withdraw)):  # for an operation that ended
                         raise protocol.ProtocolError(f"unexpected {message.type} from the sidecar")
                     continue
                 self._current = (message.id, message.attempt)
                 self._cancel.clear()
+                if message.prefetched and self._withdrawn_before_start(channel, message):
+                    self._current = None
+                    continue
                 self._running = True
                 try:
                     channel.send_frame(self._frame(self._observed(message)))
@@ -222,9 +236,34 @@ class WorkerRuntime:
             stop_beating.set()
             channel.close()
 
+    def _withdrawn_before_start(self, channel: BlockingChannel, op: Operation) -> bool:
+        """A prefetched operation waited in the socket; a Withdraw for it may be right
+        behind it. Read what has arrived first: withdrawn, it goes back unrun."""
+        self._withdrawal = None
+        channel.pump(self._consume)
+        if self._withdrawal is None:
+            return False
+        channel.send(StatusUpdate.handed_back(op.id, op.attempt, self._withdrawal))
+        return True
+
+    def _withdraw(self, withdraw: Withdraw) -> None:
+        """Hand a prefetched operation back if it has not started; once it runs, too late."""
+        key, reason = (withdraw.id, withdraw.attempt), withdraw.reason or "withdrawn"
+        if key == self._current and not self._running:
+            self._withdrawal = reason  # about to start: :meth:`_withdrawn_before_start` answers
+            return
+        channel = self._channel
+        held = channel.take_kept(lambda m: isinstance(m, Operation) and (m.id, m.attempt) == key) if channel else None
+        if channel is not None and held is not None:
+            channel.send(StatusUpdate.handed_back(withdraw.id, withdraw.attempt, reason))
+
     def _consume(self, message: protocol.Message) -> bool:
-        """A frame read while an operation runs: a Cancel for it takes effect now;
-        the rest (a Shutdown, the next Operation) waits for the main loop."""
+        """A frame read while an operation runs (or before a prefetched one starts): a
+        Cancel for it takes effect now, a Withdraw of the next one hands it back; the
+        rest (a Shutdown, the next Operation) waits for the main loop."""
+        if isinstance(message, Withdraw):
+            self._withdraw(message)
+            return True
         if isinstance(message, Cancel) and (message.id, message.attempt) == self._current:
             log.info(
                 "operation %d: cancel requested",

@@ -297,7 +297,7 @@ class WorkerPoolSpec(_Model):
     worker_prefetch: bool | None = Field(
         default=None,
         description=(
-            "WORKER_PREFETCH for this pool: a busy worker's sidecar holds the next operation and starts it the "
+            "WORKER_PREFETCH for this pool: a busy worker is sent the next operation ahead and starts it the "
             "moment the running one ends; leave off for pools of long operations. Default: the Helm value."
         ),
     )
