@@ -11,7 +11,11 @@ start and end (the worker's ``time.time()``):
 - *end-to-end*: N / (enqueue -> last SUCCESS) against the ideal;
 - *dispatch gap*: per worker, next operation's start - previous one's end. It
   includes the StatusUpdate's way to the scheduler, so it is an upper bound of
-  "StatusUpdate received -> next operation started".
+  "StatusUpdate received -> next operation started";
+- *busy*: the share of that same span spent inside the trigger function. The
+  steady figure falls short of it by the gaps, and short of 100 % also by the
+  runs' overrun (a ``time.sleep(d)`` that wakes late on a busy machine counts
+  against the ideal W x 1/d): ``run_ms`` says by how much.
 """
 
 from __future__ import annotations
@@ -50,12 +54,16 @@ def figures(rows: list[tuple[Any, ...]], workers: int, seconds: float, wall: flo
     for status, started, ended, pid in rows:
         if status == "SUCCESS" and started is not None:
             by_pid.setdefault(int(pid), []).append((float(started), float(ended)))
-    rate, gaps = 0.0, []
+    rate, busy, spans, gaps, durations = 0.0, 0.0, 0, [], []
     for runs in by_pid.values():
         runs.sort()
         if len(runs) >= 2:
-            rate += len(runs) / (runs[-1][1] - runs[0][0])
+            span = runs[-1][1] - runs[0][0]
+            rate += len(runs) / span
+            busy += sum(end - start for start, end in runs) / span
+            spans += 1
         gaps += [(b[0] - a[1]) * 1000 for a, b in zip(runs, runs[1:])]
+        durations += [(end - start) * 1000 for start, end in runs]
     ideal = workers / seconds
     done = sum(len(r) for r in by_pid.values())
     return {
@@ -65,6 +73,8 @@ def figures(rows: list[tuple[Any, ...]], workers: int, seconds: float, wall: flo
         "end_to_end_ops_per_s": round(done / wall, 1),
         "end_to_end_percent_of_ideal": round(100 * done / wall / ideal, 2),
         "workers_used": len(by_pid),
+        "busy_percent": round(100 * busy / spans, 2) if spans else None,
+        "run_ms": latency_summary(durations),
         "gap": latency_summary(gaps),
     }
 
@@ -134,7 +144,9 @@ async def run_utilisation(
                 f"  {workers} workers x {ms:g} ms ops, prefetch {'on ' if on else 'off'}: "
                 f"steady {entry['steady_ops_per_s']:.0f} ops/s = {entry['steady_percent_of_ideal']:.1f}% of "
                 f"{entry['ideal_ops_per_s']:.0f}; end to end {entry['end_to_end_percent_of_ideal']:.1f}%; "
-                f"gap p50 {gap.get('p50_ms', float('nan')):.2f} ms p99 {gap.get('p99_ms', float('nan')):.2f} ms "
+                f"gap p50 {gap.get('p50_ms', float('nan')):.2f} ms p99 {gap.get('p99_ms', float('nan')):.2f} ms; "
+                f"busy {entry['busy_percent'] or float('nan'):.1f}%, runs of {ms:g} ms took "
+                f"{entry['run_ms'].get('mean_ms', float('nan')):.2f} ms on average "
                 f"(pre-heated in {entry['preheat_seconds']:.1f}s, load {entry['load_before']['loadavg_1m']:.1f})",
                 flush=True,
             )
