@@ -55,12 +55,14 @@ class Pair:
         refused = await _next(channel, StatusUpdate)
         assert isinstance(refused, StatusUpdate) and refused.id == PROBE and not refused.executed, refused
 
-    async def wait_started(self, op_id: int) -> None:
+    async def start_first(self, channel: protocol.Channel) -> None:
+        """Operation 1 sent and running (until its release file exists)."""
+        await channel.send(self.operation(1))
         for _ in range(3000):
-            if self.started(op_id):
+            if self.started(1):
                 return
             await asyncio.sleep(0.01)
-        raise AssertionError(f"operation {op_id} did not start within 30 s")
+        raise AssertionError("operation 1 did not start within 30 s")
 
 
 async def _next(channel: protocol.Channel, kind: type, timeout: float = 30) -> protocol.Message:
@@ -108,8 +110,7 @@ async def _status(channel: protocol.Channel) -> StatusUpdate:
 def test_the_operation_sent_ahead_starts_when_the_running_one_ends_with_no_frame_between(tmp_path):
     async def scenario():
         async with pair(tmp_path) as (both, channel):
-            await channel.send(both.operation(1))
-            await both.wait_started(1)
+            await both.start_first(channel)
             await channel.send(both.operation(2, prefetched=True, release=False))
             both.release(1).touch()
             # Nothing more is sent: the worker takes the next one from its own socket.
@@ -124,8 +125,7 @@ def test_the_operation_sent_ahead_starts_when_the_running_one_ends_with_no_frame
 def test_a_withdraw_while_the_first_runs_hands_the_next_back_unrun(tmp_path):
     async def scenario():
         async with pair(tmp_path) as (both, channel):
-            await channel.send(both.operation(1))
-            await both.wait_started(1)
+            await both.start_first(channel)
             await channel.send(both.operation(2, prefetched=True))
             await channel.send(Withdraw(id=2, attempt=1))
             handed_back = await _status(channel)  # while the first still runs
@@ -145,8 +145,7 @@ def test_a_withdraw_right_behind_the_next_operation_is_read_before_it_starts(tmp
 
     async def scenario():
         async with pair(tmp_path) as (both, channel):
-            await channel.send(both.operation(1))
-            await both.wait_started(1)
+            await both.start_first(channel)
             frames = protocol.encode(both.operation(2, prefetched=True)) + protocol.encode(Withdraw(id=2, attempt=1))
             channel.writer.write(frames)
             await channel.writer.drain()
@@ -164,8 +163,7 @@ def test_a_withdraw_right_behind_the_next_operation_is_read_before_it_starts(tmp
 def test_a_new_scheduler_hears_of_the_held_operation_in_the_welcome_and_gets_it_back(tmp_path):
     async def scenario():
         async with pair(tmp_path) as (both, channel):
-            await channel.send(both.operation(1))
-            await both.wait_started(1)
+            await both.start_first(channel)
             await channel.send(both.operation(2, prefetched=True))
             await both.settled(channel)
             second, welcome = await both.connect()  # the newest scheduler wins; the first is closed
