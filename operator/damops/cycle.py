@@ -1,8 +1,10 @@
-"""The scheduler's database side: one pipelined transaction per dispatch cycle.
+"""The scheduler's database side: one transaction per dispatch cycle.
 
 A cycle writes the buffered StatusUpdates, progress and give-backs, then
 claims one operation per free worker; one round trip, one commit (one WAL
-flush) whatever the number of workers.
+flush) whatever the number of workers. The usual cycle (StatusUpdates and a
+claim) is a single statement; one with progress or give-backs too is a
+pipelined transaction of several.
 
 Two kinds of failure are told apart:
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
@@ -44,6 +47,9 @@ class CycleResult:
     claimed: list[Lease] = field(default_factory=list)
     # Claimed by an earlier cycle whose commit was in doubt: send or release each.
     resolved: list[Lease] = field(default_factory=list)
+    # A StatusUpdate put its operation back to NEW: the claim of the same
+    # statement could not see it, the next cycle may take it (a retry due now).
+    requeued: bool = False
 
 
 def first_line(exc: BaseException) -> str:
@@ -75,16 +81,11 @@ class DispatchCycle:
         if not (free or writes):
             return result
         try:
-            async with conn.pipeline(), conn.transaction():
-                applied = await self._queue_writes(conn, writes)
-                claim = None
-                if free:
-                    params = store.claim_params(self.pool, free, self.settings.operation_wait_interval)
-                    claim = await conn.execute(store.CLAIM_SQL, params)
-            # Leaving the pipeline block has sent everything and read every result.
-            self._count(await applied.fetchall() if applied is not None else [])
-            if claim is not None:
-                result.claimed = [store.lease_from_claim(row) for row in await claim.fetchall()]
+            if writes.progress or writes.releases:
+                applied, result.claimed = await self._pipelined(conn, writes, free)
+            else:
+                applied, result.claimed = await self._complete_and_claim(conn, writes, free)
+            result.requeued = self._count(applied)
         except CONNECTION_ERRORS:
             pending.put_back(writes)
             self._unresolved.update(free)
@@ -94,6 +95,33 @@ class DispatchCycle:
             log.warning("a cycle's writes were refused (%s); writing them one by one", first_line(exc))
             await self._write_one_by_one(conn, writes, pending)
         return result
+
+    async def _complete_and_claim(
+        self, conn: psycopg.AsyncConnection, writes: PendingWrites, free: list[str]
+    ) -> tuple[list[tuple[Any, ...]], list[Lease]]:
+        """StatusUpdates and the claim in one statement (its own transaction)."""
+        params = store.complete_and_claim_params(self._complete_params(writes), self._claim_params(free))
+        cursor = await conn.execute(store.COMPLETE_AND_CLAIM_SQL, params)
+        return store.split_cycle_rows(await cursor.fetchall())
+
+    async def _pipelined(
+        self, conn: psycopg.AsyncConnection, writes: PendingWrites, free: list[str]
+    ) -> tuple[list[tuple[Any, ...]], list[Lease]]:
+        """Every kind of write, then the claim: one pipelined transaction."""
+        async with conn.pipeline(), conn.transaction():
+            applied = await self._queue_writes(conn, writes)
+            claim = await conn.execute(store.CLAIM_SQL, self._claim_params(free)) if free else None
+        # Leaving the pipeline block has sent everything and read every result.
+        completed = await applied.fetchall() if applied is not None else []
+        return completed, [store.lease_from_claim(row) for row in await claim.fetchall()] if claim else []
+
+    def _claim_params(self, free: list[str]) -> dict[str, Any]:
+        return store.claim_params(self.pool, free, self.settings.operation_wait_interval)
+
+    def _complete_params(self, writes: PendingWrites) -> dict[str, Any]:
+        return store.complete_params(
+            writes.completions, policy=self._policy, default_max_attempts=self.settings.max_attempts
+        )
 
     async def cancel_requests(self) -> list[tuple[int, int, str]]:
         """(id, attempt, worker) of this pool's PROCESSING operations with a cancel request."""
@@ -123,10 +151,7 @@ class DispatchCycle:
         """Queue the writes on ``conn``; return the cursor of the StatusUpdates (what was applied)."""
         applied = None
         if writes.completions:
-            params = store.complete_params(
-                writes.completions, policy=self._policy, default_max_attempts=self.settings.max_attempts
-            )
-            applied = await conn.execute(store.COMPLETE_SQL, params)
+            applied = await conn.execute(store.COMPLETE_SQL, self._complete_params(writes))
         if writes.progress:
             await conn.execute(store.TOUCH_SQL, store.touch_params(writes.progress))
         if writes.releases:
@@ -205,9 +230,12 @@ class DispatchCycle:
             )
         return [store.lease_from_claim(row) for row in rows]
 
-    def _count(self, applied: list[tuple[object, ...]]) -> None:
-        """Count what the StatusUpdates did, and log one line per operation that finished a run."""
+    def _count(self, applied: list[tuple[Any, ...]]) -> bool:
+        """Count what the StatusUpdates did, and log one line per operation that finished a run.
+        True when one went back to NEW (a retry)."""
+        requeued = False
         for done in store.completed_rows(applied):
+            requeued = requeued or done.status == "NEW"
             counter = _COUNTERS.get(done.status)
             if counter is not None:
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
@@ -225,6 +253,7 @@ class DispatchCycle:
                     "duration_seconds": done.duration,
                 },
             )
+        return requeued
 
 
 _COUNTERS = {"SUCCESS": "succeeded", "FAILED": "failed", "NEW": "retried", "WAIT": "waited", "CANCELLED": "cancelled"}

@@ -251,8 +251,8 @@ class Scheduler:
                 self._apply(self.table.assign(lease, time.monotonic()))
         for lease in result.claimed:
             self._apply(self.table.assign(lease, time.monotonic()))
-        if self._writes or (result.claimed and len(result.claimed) == len(free)):
-            self._wake.set()  # more to write, or the queue may hold more: look again
+        if self._writes or result.requeued or (result.claimed and len(result.claimed) == len(free)):
+            self._wake.set()  # more to write, a retry may be due, or the queue may hold more: look again
 
     async def _back_off(self) -> None:
         await asyncio.sleep(self._backoff)

@@ -26,7 +26,7 @@ MAX_PROGRESS_MESSAGE_CHARS = 1_000
 # order, and delayed ones (scheduled, or a retry's backoff) whose run_after has
 # passed. Each range locks at most `limit` rows with SKIP LOCKED; the outer
 # query keeps the best `limit` of both. Rows scheduled for later are never read.
-CLAIM_SQL = """
+_CLAIM_UPDATE = """
 UPDATE damops.operations AS o
 SET status = 'PROCESSING', updated = now(), started = now(), attempts = o.attempts + 1,
     worker = w.name, last_worker = w.name, run_after = NULL, progress_message = NULL, progress_fraction = NULL
@@ -56,10 +56,11 @@ FROM (
         LIMIT %(limit)s
     ) AS locked
 ) AS claimed
-JOIN unnest(%(workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
+JOIN unnest(%(free_workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
 WHERE o.id = claimed.id
 RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_context
 """
+CLAIM_SQL = _CLAIM_UPDATE
 
 # The outcome, decided once per row (`decided`, which also locks it), then
 # written to the operation and to its attempt history in the same statement.
@@ -68,8 +69,8 @@ RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_cont
 # - a retryable failure goes back to NEW, not before now() + its delay, while
 #   attempts remain (max_attempts NULL = the MAX_ATTEMPTS setting);
 # - WAIT gives the attempt back (waiting is not failing).
-COMPLETE_SQL = """
-WITH u AS (
+_COMPLETE_CTES = """
+u AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[], %(outcomes)s::text[],
                          %(results)s::jsonb[], %(errors)s::text[], %(retryables)s::bool[],
                          %(delays)s::float8[], %(tracebacks)s::text[])
@@ -107,10 +108,25 @@ WITH u AS (
 ), history AS (
     INSERT INTO damops.attempts (operation_id, attempt, worker, outcome, status, error, traceback, started)
     SELECT id, attempt, worker, outcome, status, error, traceback, started FROM done
-)
-SELECT id, status, trigger_function, attempts, extract(epoch FROM now() - started)::float8 AS duration,
-       extract(epoch FROM started - created)::float8 AS waited
+)"""
+# What each written StatusUpdate did: the columns of :class:`Completed`.
+_COMPLETED_COLUMNS = """id, status, trigger_function, attempts, extract(epoch FROM now() - started)::float8 AS duration,
+       extract(epoch FROM started - created)::float8 AS waited"""
+COMPLETE_SQL = f"WITH {_COMPLETE_CTES}\nSELECT {_COMPLETED_COLUMNS}\nFROM done"
+
+# A dispatch cycle's StatusUpdates and its claim as one statement: one round trip
+# and one implicit transaction (the scheduler's connection is in autocommit), no
+# BEGIN and COMMIT messages. The two change disjoint rows (PROCESSING ones; NEW
+# and WAIT ones) seen in one snapshot: a retry put back to NEW here is claimable
+# from the next cycle on. Rows: ``completed`` true, then the columns of
+# :class:`Completed`; false, then a claim's (see :func:`split_cycle_rows`).
+COMPLETE_AND_CLAIM_SQL = f"""WITH {_COMPLETE_CTES}, leased AS ({_CLAIM_UPDATE})
+SELECT true AS completed, {_COMPLETED_COLUMNS},
+       NULL::jsonb AS inputs, NULL::text AS worker, NULL::jsonb AS trace_context
 FROM done
+UNION ALL
+SELECT false, id, NULL, trigger_function, attempts, NULL, NULL, inputs, worker, trace_context
+FROM leased
 """
 
 # Progress refreshes lastTouched and keeps the latest message and fraction; a
@@ -186,7 +202,7 @@ class Completed:
 
 
 def claim_params(pool: str, workers: Sequence[str], wait_interval: float) -> dict[str, Any]:
-    return {"pool": pool, "limit": len(workers), "workers": list(workers), "wait_interval": wait_interval}
+    return {"pool": pool, "limit": len(workers), "free_workers": list(workers), "wait_interval": wait_interval}
 
 
 def bound_traceback(text: str | None) -> str | None:
@@ -222,8 +238,28 @@ def complete_params(
     }
 
 
+def complete_and_claim_params(completion: dict[str, Any], claim: dict[str, Any]) -> dict[str, Any]:
+    """COMPLETE_AND_CLAIM_SQL's parameters: both statements' (their names must not meet)."""
+    shared = completion.keys() & claim.keys()
+    if shared:
+        raise ValueError(f"parameters named in both statements: {sorted(shared)}")
+    return {**completion, **claim}
+
+
 def completed_rows(rows: Iterable[Sequence[Any]]) -> list[Completed]:
     return [Completed(*row) for row in rows]
+
+
+def split_cycle_rows(rows: Iterable[Sequence[Any]]) -> tuple[list[tuple[Any, ...]], list[Lease]]:
+    """COMPLETE_AND_CLAIM_SQL's rows as (COMPLETE_SQL's rows, the claimed leases)."""
+    completed, claimed = [], []
+    for row in rows:
+        if row[0]:
+            completed.append(tuple(row[1:7]))
+        else:
+            op_id, _, trigger_function, attempt, _, _, inputs, worker, trace_context = row[1:]
+            claimed.append(Lease(op_id, attempt, worker, trigger_function, inputs, trace_context))
+    return completed, claimed
 
 
 def _fraction(value: float | None) -> float | None:

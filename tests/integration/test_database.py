@@ -14,7 +14,8 @@ import pytest
 
 from damops import store
 from damops.db import migrate, migration_files
-from damops.operations import NewOperation, count_queued, enqueue, enqueue_many, get, list_operations
+from damops.operations import NewOperation, attempts, count_queued, enqueue, enqueue_many, get, list_operations
+from damops.protocol import StatusUpdate
 
 
 def test_migrate_is_idempotent_and_safe_to_run_concurrently(server_url):
@@ -110,7 +111,7 @@ def test_claim_is_an_index_scan_on_the_claimable_rows(conn):
             + store.CLAIM_SQL.replace("%(pool)s", "'default'")
             .replace("%(wait_interval)s", "30")
             .replace("%(limit)s", "4")
-            .replace("%(workers)s", "ARRAY['a','b','c','d']")
+            .replace("%(free_workers)s", "ARRAY['a','b','c','d']")
         )
     )
     assert "operations_claimable_idx" in plan, plan
@@ -169,3 +170,41 @@ def test_cli_hands_operator_and_crd_options_to_their_own_parsers(database_url):
     crd = _cli(database_url, "crd").stdout
     assert "kind: CustomResourceDefinition" in crd and "workerpools.damops.dev" in crd
     assert "--standalone" in _cli(database_url, "operator", "--help").stdout
+
+
+def test_one_statement_writes_the_status_updates_and_claims_for_the_free_workers(conn):
+    """COMPLETE_AND_CLAIM_SQL, the usual dispatch cycle: the StatusUpdates are
+    written exactly as COMPLETE_SQL writes them, the claim takes what CLAIM_SQL
+    would, and the claim does not take an operation the same statement put back."""
+    running, retried, waiting = enqueue_many(conn, [NewOperation("noop") for _ in range(3)])
+    leases = {
+        lease.id: lease
+        for lease in map(
+            store.lease_from_claim, conn.execute(store.CLAIM_SQL, store.claim_params("default", ["a", "b"], 30.0))
+        )
+    }
+    assert set(leases) == {running, retried}
+    updates = [
+        StatusUpdate(id=running, attempt=1, outcome="success", result={"ok": 1}),
+        StatusUpdate.failure(retried, 1, "Retry: now", retry_after=0.0),
+    ]
+    completion = store.complete_params([store.Completion(u, leases[u.id].worker) for u in updates])
+    params = store.complete_and_claim_params(completion, store.claim_params("default", ["a", "c"], 30.0))
+    completed, claimed = store.split_cycle_rows(conn.execute(store.COMPLETE_AND_CLAIM_SQL, params))
+    assert {(row[0], row[1]) for row in completed} == {(running, "SUCCESS"), (retried, "NEW")}
+    assert [(lease.id, lease.worker, lease.attempt) for lease in claimed] == [(waiting, "a", 1)]
+    assert get(conn, running).result == {"ok": 1}
+    assert [a.outcome for a in attempts(conn, retried)] == ["failure"]  # its history is written too
+    # The retry is due now: the next cycle claims it.
+    [again] = store.split_cycle_rows(
+        conn.execute(
+            store.COMPLETE_AND_CLAIM_SQL,
+            store.complete_and_claim_params(store.complete_params([]), store.claim_params("default", ["c"], 30.0)),
+        )
+    )[1]
+    assert (again.id, again.attempt) == (retried, 2)
+
+
+def test_the_two_statements_of_a_cycle_name_their_parameters_apart():
+    with pytest.raises(ValueError, match="free_workers"):
+        store.complete_and_claim_params({"free_workers": []}, store.claim_params("default", ["a"], 30.0))

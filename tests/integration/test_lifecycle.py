@@ -195,7 +195,7 @@ def test_claim_stays_an_index_scan_with_many_operations_scheduled_for_later(conn
         store.CLAIM_SQL.replace("%(pool)s", "'default'")
         .replace("%(wait_interval)s", "30")
         .replace("%(limit)s", "4")
-        .replace("%(workers)s", "ARRAY['a','b','c','d']")
+        .replace("%(free_workers)s", "ARRAY['a','b','c','d']")
     )
     # EXPLAIN ANALYZE runs the claim: it really takes the 4 ready operations.
     plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql))
