@@ -2,8 +2,8 @@
 
 One Scheduler serves one pool. Its parts: the channels to the sidecars
 (:mod:`damops.channels`), the database cycle (:mod:`damops.cycle`: one
-pipelined transaction writes what workers reported and claims for the free
-ones), LISTEN/NOTIFY, and the dispatch loop that runs a cycle on every
+transaction, usually one statement, writes what workers reported and claims
+for the free ones), LISTEN/NOTIFY, and the dispatch loop that runs a cycle on every
 scheduler heartbeat, on NOTIFY and as soon as a worker becomes free. What
 each event means is decided by the :class:`~damops.dispatch.WorkerTable`.
 """
