@@ -26,7 +26,7 @@ MAX_PROGRESS_MESSAGE_CHARS = 1_000
 # order, and delayed ones (scheduled, or a retry's backoff) whose run_after has
 # passed. Each range locks at most `limit` rows with SKIP LOCKED; the outer
 # query keeps the best `limit` of both. Rows scheduled for later are never read.
-_CLAIM_UPDATE = """
+CLAIM_SQL = """
 UPDATE damops.operations AS o
 SET status = 'PROCESSING', updated = now(), started = now(), attempts = o.attempts + 1,
     worker = w.name, last_worker = w.name, run_after = NULL, progress_message = NULL, progress_fraction = NULL
@@ -60,7 +60,6 @@ JOIN unnest(%(free_workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (sl
 WHERE o.id = claimed.id
 RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_context
 """
-CLAIM_SQL = _CLAIM_UPDATE
 
 # The outcome, decided once per row (`decided`, which also locks it), then
 # written to the operation and to its attempt history in the same statement.
@@ -120,7 +119,7 @@ COMPLETE_SQL = f"WITH {_COMPLETE_CTES}\nSELECT {_COMPLETED_COLUMNS}\nFROM done"
 # and WAIT ones) seen in one snapshot: a retry put back to NEW here is claimable
 # from the next cycle on. Rows: ``completed`` true, then the columns of
 # :class:`Completed`; false, then a claim's (see :func:`split_cycle_rows`).
-COMPLETE_AND_CLAIM_SQL = f"""WITH {_COMPLETE_CTES}, leased AS ({_CLAIM_UPDATE})
+COMPLETE_AND_CLAIM_SQL = f"""WITH {_COMPLETE_CTES}, leased AS ({CLAIM_SQL})
 SELECT true AS completed, {_COMPLETED_COLUMNS},
        NULL::jsonb AS inputs, NULL::text AS worker, NULL::jsonb AS trace_context
 FROM done
@@ -258,7 +257,7 @@ def split_cycle_rows(rows: Iterable[Sequence[Any]]) -> tuple[list[tuple[Any, ...
             completed.append(tuple(row[1:7]))
         else:
             op_id, _, trigger_function, attempt, _, _, inputs, worker, trace_context = row[1:]
-            claimed.append(Lease(op_id, attempt, worker, trigger_function, inputs, trace_context))
+            claimed.append(lease_from_claim((op_id, trigger_function, inputs, attempt, worker, trace_context)))
     return completed, claimed
 
 
