@@ -85,7 +85,7 @@ class DispatchCycle:
                 applied, result.claimed = await self._pipelined(conn, writes, free)
             else:
                 applied, result.claimed = await self._complete_and_claim(conn, writes, free)
-            result.requeued = self._count(applied)
+            result.requeued = any(done.status == "NEW" for done in self._count(applied))
         except CONNECTION_ERRORS:
             pending.put_back(writes)
             self._unresolved.update(free)
@@ -230,12 +230,10 @@ class DispatchCycle:
             )
         return [store.lease_from_claim(row) for row in rows]
 
-    def _count(self, applied: list[tuple[Any, ...]]) -> bool:
-        """Count what the StatusUpdates did, and log one line per operation that finished a run.
-        True when one went back to NEW (a retry)."""
-        requeued = False
-        for done in store.completed_rows(applied):
-            requeued = requeued or done.status == "NEW"
+    def _count(self, applied: list[tuple[Any, ...]]) -> list[store.Completed]:
+        """Count what the StatusUpdates did, and log one line per operation that finished a run."""
+        completed = store.completed_rows(applied)
+        for done in completed:
             counter = _COUNTERS.get(done.status)
             if counter is not None:
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
@@ -253,7 +251,7 @@ class DispatchCycle:
                     "duration_seconds": done.duration,
                 },
             )
-        return requeued
+        return completed
 
 
 _COUNTERS = {"SUCCESS": "succeeded", "FAILED": "failed", "NEW": "retried", "WAIT": "waited", "CANCELLED": "cancelled"}

@@ -253,8 +253,7 @@ class WorkerRuntime:
             self._withdrawal = reason  # about to start: :meth:`_withdrawn_before_start` answers
             return
         channel = self._channel
-        held = channel.take_kept(lambda m: isinstance(m, Operation) and (m.id, m.attempt) == key) if channel else None
-        if channel is not None and held is not None:
+        if channel is not None and channel.take_kept(lambda m: isinstance(m, Operation) and (m.id, m.attempt) == key):
             channel.send(StatusUpdate.handed_back(withdraw.id, withdraw.attempt, reason))
 
     def _consume(self, message: protocol.Message) -> bool:
