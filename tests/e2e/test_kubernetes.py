@@ -593,7 +593,8 @@ def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> No
     assert "volumeMounts" in schema and "topologySpreadConstraints" in schema
     proc = subprocess.run(
         ["helm", "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--wait", "--timeout", "240s"]
-        + ["--set", f"operator.podAnnotations.damops-e2e/upgraded={RUN}"],
+        # --set-string: a run id of six digits would otherwise be a number, which the schema refuses.
+        + ["--set-string", f"operator.podAnnotations.damops-e2e/upgraded={RUN}"],
         capture_output=True,
         text=True,
         timeout=300,
