@@ -77,7 +77,7 @@ class SidecarChannels:
                 if channel is not None:
                     if self._open.get(name) is channel:
                         del self._open[name]
-                    channel.writer.close()
+                    channel.close_nowait()
                 self.events.on_lost(name)
             if not self.reconnect:
                 return

@@ -290,7 +290,11 @@ def json_problem(value: Any) -> str | None:
 
 
 class Channel:
-    """A framed, authenticated connection: one reader, serialised writes."""
+    """A framed, authenticated connection: one reader, serialised writes.
+
+    Frames sent in one turn of the event loop leave in one write: several
+    operations for one worker, or several StatusUpdates relayed at once, wake
+    the peer once rather than once per frame."""
 
     def __init__(
         self,
@@ -303,14 +307,30 @@ class Channel:
         self.max_frame_bytes = max_frame_bytes
         self.last_seen = time.monotonic()
         self.silent_reason: str | None = None
+        self._outgoing: list[bytes] | None = None  # frames of this turn of the loop, not yet written
 
     async def send(self, message: _Message) -> None:
-        self.writer.write(encode(message, self.max_frame_bytes))
+        self.send_nowait(message)
+        self.flush()
         await self.writer.drain()
 
     def send_nowait(self, message: _Message) -> None:
         """Queue a frame without waiting for the socket buffer to drain."""
-        self.writer.write(encode(message, self.max_frame_bytes))
+        self.send_frame_nowait(encode(message, self.max_frame_bytes))
+
+    def send_frame_nowait(self, frame: bytes) -> None:
+        """Queue a frame already encoded (and size-checked), e.g. one relayed from its sender."""
+        if self._outgoing is None:
+            self._outgoing = [frame]
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            self._outgoing.append(frame)
+
+    def flush(self) -> None:
+        """Write the queued frames now (they leave at the end of this turn of the loop anyway)."""
+        frames, self._outgoing = self._outgoing, None
+        if frames:
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def receive(self, timeout: float | None = HEARTBEAT_TIMEOUT) -> Message:
         return (await self.receive_frame(timeout))[0]
@@ -336,12 +356,13 @@ class Channel:
         self.last_seen = time.monotonic()
         return received
 
-    def send_frame_nowait(self, frame: bytes) -> None:
-        """Relay a frame already encoded (and size-checked) by its sender."""
-        self.writer.write(frame)
+    def close_nowait(self) -> None:
+        """Close after writing what is queued."""
+        self.flush()
+        self.writer.close()
 
     async def close(self) -> None:
-        self.writer.close()
+        self.close_nowait()
         try:
             await self.writer.wait_closed()
         except (ConnectionError, OSError):
@@ -387,7 +408,7 @@ async def heartbeat_loop(channel: Channel) -> None:
             tick = now
             if now - channel.last_seen > HEARTBEAT_TIMEOUT:
                 channel.silent_reason = f"peer silent for {HEARTBEAT_TIMEOUT:.0f}s (no heartbeat)"
-                channel.writer.close()
+                channel.close_nowait()
                 return
             channel.send_nowait(Heartbeat())
     except (ConnectionError, RuntimeError):
