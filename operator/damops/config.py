@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # the running one ends (no scheduler round trip between two operations). Off by
     # default: in a pool of long operations a short one would wait behind a long one.
     worker_prefetch: bool = Field(default=False, validation_alias="WORKER_PREFETCH")
+    # With WORKER_PREFETCH on: how many operations a worker may hold ahead. Deeper
+    # means bigger claims and fewer wake-ups per operation for short operations.
+    worker_prefetch_depth: int = Field(default=1, ge=1, le=32, validation_alias="WORKER_PREFETCH_DEPTH")
     # Prometheus /metrics of `damops run` (0 = off); the operator has its own DAMOPS_METRICS_PORT.
     metrics_port: int = Field(default=0, ge=0, le=65535, validation_alias="DAMOPS_RUN_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", validation_alias="DAMOPS_RUN_METRICS_HOST")

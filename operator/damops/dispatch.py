@@ -14,12 +14,13 @@ trigger function). A channel that drops does not end a lease: the sidecar may
 still be running it, so the lease is kept until the sidecar says what became
 of it, or the worker is gone, or it expires.
 
-With prefetch (WORKER_PREFETCH) a busy worker may also hold one ``next`` lease:
-sent ahead, waiting in the worker's socket (its sidecar knows of it), started by
-the worker the moment the running one ends (the scheduler learns it from that
-StatusUpdate). It is not executing: drain, cancel, stop and a new scheduler get
-it handed back unrun (released) unless it started first; when the worker is lost
-or restarted it is recovered like the running one, since it may have started.
+With prefetch (WORKER_PREFETCH) a worker may also hold up to
+WORKER_PREFETCH_DEPTH leases ``ahead``: sent ahead, waiting in the worker's socket
+(its sidecar knows of them), started by the worker in the order sent, each the
+moment the one before ends (the scheduler learns it from that StatusUpdate). They
+are not executing: drain, cancel, stop and a new scheduler get them handed back
+unrun (released) unless they started first; when the worker is lost or restarted
+they are recovered like the running one, since they may have started.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Worker:
     draining: bool = False
     connected: bool = False
     lease: Lease | None = None
-    next: Lease | None = None  # prefetched, held by the sidecar (not executing)
+    ahead: list[Lease] = field(default_factory=list)  # prefetched, in the order sent (not executing)
     pid: int | None = None
     boot: str | None = None  # the sidecar process we last spoke to
     worker_gone: bool = False  # NotReady since the last Ready: not free when its lease ends
@@ -92,12 +93,16 @@ class Worker:
         return self.state is WorkerState.FREE and self.connected and not self.draining and self.lease is None
 
     @property
+    def next(self) -> Lease | None:
+        """The lease it starts when the running one ends."""
+        return self.ahead[0] if self.ahead else None
+
+    @property
     def prefetchable(self) -> bool:
-        """Running one operation, nothing held yet: its sidecar may hold the next."""
+        """Running one operation: it may be sent more ahead (up to the table's depth)."""
         return (
             self.state is WorkerState.ACTIVE
             and self.lease is not None
-            and self.next is None
             and self.connected
             and not self.draining
             and not self.worker_gone
@@ -171,10 +176,10 @@ class Snapshot:
 class WorkerTable:
     """Every worker of one scheduler and the one lease each may hold."""
 
-    def __init__(self, prefetch: bool = False) -> None:
+    def __init__(self, prefetch: int = 0) -> None:
         self.workers: dict[str, Worker] = {}
         self.stats = Stats()
-        self.prefetch = prefetch
+        self.prefetch = int(prefetch)  # how many leases a worker may hold ahead (0: prefetch off)
         # Leases given back at shutdown: a StatusUpdate for one that still arrives
         # is not written (the operation is NEW again, maybe already elsewhere).
         self._released_at_stop: set[tuple[int, int]] = set()
@@ -200,10 +205,10 @@ class WorkerTable:
         if worker is None:
             return Effects()
         worker.draining = True
-        if worker.lease is None and worker.next is None:
+        if worker.lease is None and not worker.ahead:
             del self.workers[name]
             return Effects(forget=[name])
-        return Effects(withdraw=[worker.next] if worker.next is not None else [])
+        return Effects(withdraw=list(worker.ahead))
 
     # --- channel events -------------------------------------------------
 
@@ -218,8 +223,8 @@ class WorkerTable:
         effects = Effects()
         same_sidecar, worker.boot = worker.boot == boot, boot
         worker.connected = True
-        if worker.next is not None:
-            effects += self._reconcile_next(worker, busy, undelivered, same_sidecar)
+        if worker.ahead:
+            effects += self._reconcile_ahead(worker, busy, undelivered, same_sidecar)
         lease = worker.lease
         if lease is not None:
             if busy == (lease.id, lease.attempt) or lease.id in undelivered:
@@ -246,31 +251,42 @@ class WorkerTable:
             worker.state = WorkerState.PENDING  # until the sidecar says Ready again
         return effects
 
-    def _reconcile_next(
+    def _reconcile_ahead(
         self, worker: Worker, busy: tuple[int, int] | None, undelivered: set[int], same_sidecar: bool
     ) -> Effects:
-        """After a reconnect: what became of the prefetched lease the sidecar held."""
-        held, lease = worker.next, worker.lease
-        assert held is not None
-        if held.id in undelivered:
-            return Effects()  # its StatusUpdate follows (handed back, or it ran)
+        """After a reconnect: what became of the leases the sidecar held ahead. Those it
+        lists as undelivered have a StatusUpdate coming (handed back, or it ran). One it
+        is running started while we were away: every lease sent before it has ended, and
+        those whose StatusUpdate is not coming were lost with the channel. The rest never
+        reached the sidecar (released) or died with a restarted one (recovered)."""
         effects = Effects()
-        worker.next = None
-        if busy == (held.id, held.attempt):
-            # Started while we were away: the one before it ended.
-            if lease is not None and lease.id not in undelivered:
+        started = next((i for i, held in enumerate(worker.ahead) if busy == (held.id, held.attempt)), None)
+        before = [] if started is None else [worker.lease, *worker.ahead[:started]]
+        after = worker.ahead if started is None else worker.ahead[started + 1 :]
+        order: list[Lease] = []  # the worker's leases from now on, in the order it runs them
+        for lease in before:
+            if lease is not None and lease.id in undelivered:
+                order.append(lease)
+            elif lease is not None:
                 effects += self._end(worker, lease, f"worker {worker.name}'s StatusUpdate was lost with its channel")
-                worker.lease = held
-            elif lease is None:
-                worker.lease = held
+        if started is not None:
+            order.append(worker.ahead[started])
+        kept = []
+        for held in after:
+            if held.id in undelivered:
+                kept.append(held)
+            elif same_sidecar:
+                self.stats.released += 1  # it never reached the sidecar
+                effects.releases.append(held)
             else:
-                worker.next = held  # the running one's StatusUpdate follows, then this one runs
-            return effects
-        if same_sidecar:
-            self.stats.released += 1  # it never reached the sidecar
-            effects.releases.append(held)
-            return effects
-        effects += self._end(worker, held, f"worker {worker.name}'s sidecar restarted while it held the operation")
+                effects += self._end(
+                    worker, held, f"worker {worker.name}'s sidecar restarted while it held the operation"
+                )
+        if started is None:
+            worker.ahead = kept
+        else:
+            worker.lease, worker.ahead = order[0], order[1:] + kept
+            worker.state = WorkerState.ACTIVE
         return effects
 
     def channel_lost(self, name: str, now: float) -> Effects:
@@ -343,22 +359,30 @@ class WorkerTable:
             effects.completions.append(Completion(update, name))
         if worker is None:
             return effects
-        if worker.next is not None and worker.next.id == update.id:
-            # The prefetched one: handed back unrun, or (its predecessor's StatusUpdate lost) it ran.
-            worker.next = None
-            if update.executed and worker.lease is not None:
-                effects += self._end(worker, worker.lease, f"worker {name}'s StatusUpdate was lost")
-                worker.lease = None
-            if worker.lease is None:
+        position = next((i for i, held in enumerate(worker.ahead) if held.id == update.id), None)
+        if position is not None:
+            # One held ahead: handed back unrun, or it ran, so every lease sent before it
+            # ended and their StatusUpdates were lost; the worker then started the next.
+            del worker.ahead[position]
+            if update.executed:
+                for lost in [worker.lease, *worker.ahead[:position]]:
+                    if lost is not None:
+                        effects += self._end(worker, lost, f"worker {name}'s StatusUpdate was lost")
+                worker.lease, worker.ahead = None, worker.ahead[position:]
+                worker.last_touched = now
+                if worker.ahead:
+                    worker.lease = worker.ahead.pop(0)
+                    worker.state = WorkerState.ACTIVE
+            if worker.lease is None and not worker.ahead:
                 self._idle(worker, now, effects)
             return effects
         if worker.lease is None or worker.lease.id != update.id:
             return effects
         worker.lease = None
         worker.last_touched = now
-        if worker.next is not None:
-            # Its sidecar started the prefetched one the moment this one ended.
-            worker.lease, worker.next = worker.next, None
+        if worker.ahead:
+            # The worker started the next one held ahead the moment this one ended.
+            worker.lease = worker.ahead.pop(0)
             return effects
         self._idle(worker, now, effects)
         return effects
@@ -373,18 +397,24 @@ class WorkerTable:
     # --- the dispatch cycle ----------------------------------------------
 
     def claimable(self) -> list[str]:
-        """Workers to claim for: free ones first (they get the first operations in
-        claim order), then, with prefetch, busy ones with nothing held."""
+        """One slot per operation to claim, by worker name: one per free worker first
+        (they get the first operations in claim order); then, with prefetch, the room
+        ahead of free and busy workers, round by round (everyone's first place ahead
+        before anyone's second), so a short queue is spread over the workers."""
         free = [w.name for w in self.workers.values() if w.claimable]
-        if self.prefetch:
-            free += [w.name for w in self.workers.values() if w.prefetchable]
+        if not self.prefetch:
+            return free
+        room = {name: self.prefetch for name in free if not self.workers[name].worker_gone}
+        room |= {w.name: self.prefetch - len(w.ahead) for w in self.workers.values() if w.prefetchable}
+        for place in range(self.prefetch):
+            free += [name for name, left in room.items() if left > place]
         return free
 
     def assign(self, lease: Lease, now: float) -> Effects:
         """A claimed operation: send it, or give it back when its worker went away meanwhile."""
         worker = self.workers.get(lease.worker)
-        if worker is not None and self.prefetch and worker.prefetchable:
-            worker.next = lease
+        if worker is not None and worker.prefetchable and len(worker.ahead) < self.prefetch:
+            worker.ahead.append(lease)
             self.stats.claimed += 1
             self.stats.prefetched += 1
             return Effects(ahead=[lease])
@@ -400,8 +430,8 @@ class WorkerTable:
     def undeliverable(self, lease: Lease, error: str) -> Effects:
         """A claimed operation that cannot be put in a frame: FAILED, no retry."""
         worker = self.workers.get(lease.worker)
-        if worker is not None and worker.next == lease:
-            worker.next = None
+        if worker is not None and lease in worker.ahead:
+            worker.ahead.remove(lease)
         elif worker is not None and worker.lease == lease:
             worker.lease = None
             worker.state = WorkerState.FREE
@@ -429,9 +459,8 @@ class WorkerTable:
         wanted = {(op_id, attempt) for op_id, attempt, _ in requested}
         self._cancel_sent = {key: sent for key, sent in self._cancel_sent.items() if key in wanted}
         for worker in self.workers.values():
-            held = worker.next
-            if held is not None and (held.id, held.attempt) in wanted:
-                effects.withdraw.append(held)  # not started: handed back, it ends CANCELLED
+            # Not started: handed back, they end CANCELLED.
+            effects.withdraw += [held for held in worker.ahead if (held.id, held.attempt) in wanted]
             lease = worker.lease
             if lease is None or (lease.id, lease.attempt) not in wanted:
                 continue
@@ -450,23 +479,23 @@ class WorkerTable:
 
     def leases(self) -> list[Lease]:
         """Every lease held, prefetched ones included."""
-        return [lease for w in self.workers.values() for lease in (w.lease, w.next) if lease is not None]
+        return [lease for w in self.workers.values() for lease in (w.lease, *w.ahead) if lease is not None]
 
     def withdraw_all(self) -> Effects:
         """At shutdown: ask every sidecar to hand back what it holds prefetched."""
-        return Effects(withdraw=[w.next for w in self.workers.values() if w.next is not None])
+        return Effects(withdraw=[held for w in self.workers.values() for held in w.ahead])
 
     def release_all(self) -> Effects:
         """At shutdown: every unfinished lease back to NEW, its attempt given back."""
         effects = Effects()
         for worker in self.workers.values():
-            for lease in (worker.lease, worker.next):
+            for lease in (worker.lease, *worker.ahead):
                 if lease is not None:
                     self.stats.released += 1
                     effects.releases.append(lease)
                     self._released_at_stop.add((lease.id, lease.attempt))
-            if worker.lease is not None or worker.next is not None:
-                worker.lease = worker.next = None
+            if worker.lease is not None or worker.ahead:
+                worker.lease, worker.ahead = None, []
                 worker.state = WorkerState.PENDING
         return effects
 
@@ -481,13 +510,13 @@ class WorkerTable:
         return effects
 
     def _recover(self, worker: Worker, reason: str) -> Effects:
-        """End the running lease as a retryable failure, and a prefetched one too:
-        its sidecar may have started it meanwhile."""
+        """End the running lease as a retryable failure, and those held ahead too:
+        the worker may have started them meanwhile."""
         effects = Effects()
-        for lease in (worker.lease, worker.next):
+        for lease in (worker.lease, *worker.ahead):
             if lease is not None:
                 effects += self._end(worker, lease, reason)
-        worker.lease = worker.next = None
+        worker.lease, worker.ahead = None, []
         return effects
 
     def _end(self, worker: Worker, lease: Lease, reason: str) -> Effects:

@@ -47,7 +47,7 @@ class Scheduler:
         self.pool = pool or settings.pool
         self.secret = secret if secret is not None else (settings.secret or "")
         self.on_worker_expired = on_worker_expired  # kills and replaces a worker
-        self.table = WorkerTable(prefetch=settings.worker_prefetch)
+        self.table = WorkerTable(prefetch=settings.worker_prefetch_depth if settings.worker_prefetch else 0)
         self.stats = self.table.stats
         self.claiming = True
         self._writes = PendingWrites()

@@ -55,9 +55,9 @@ class Sidecar:
         self.worker_ready: Ready | None = None
         self.scheduler: protocol.Channel | None = None
         self.assignment: Operation | None = None  # what the worker is running
-        # Prefetched: already in the worker's socket, it starts when the running one
-        # ends (no wake-up of this process between the two) unless withdrawn first.
-        self.held: Operation | None = None
+        # Prefetched, in the order sent: already in the worker's socket, each starts when
+        # the one before ends (no wake-up of this process between them) unless withdrawn first.
+        self.held: list[Operation] = []
         self.undelivered: list[StatusUpdate] = []
         self.stopped = asyncio.Event()
         self.boot = secrets.token_hex(8)
@@ -114,7 +114,7 @@ class Sidecar:
         self._exit_when_idle()
 
     def _exit_when_idle(self) -> None:
-        if not (self.terminating and self.assignment is None and self.held is None and not self.undelivered):
+        if not (self.terminating and self.assignment is None and not self.held and not self.undelivered):
             return
         if self.worker is None:
             self.stopped.set()
@@ -144,11 +144,12 @@ class Sidecar:
             while True:
                 message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, StatusUpdate):
-                    if self.held and self.held.id == message.id:
-                        self.held = None  # withdrawn: the worker handed it back unrun
+                    withdrawn = next((op for op in self.held if op.id == message.id), None)
+                    if withdrawn is not None:
+                        self.held.remove(withdrawn)  # the worker handed it back unrun
                     elif self.assignment and self.assignment.id == message.id:
-                        # The worker starts the held one (if any) right after this StatusUpdate.
-                        self.assignment, self.held = self.held, None
+                        # The worker starts the next held one (if any) right after this StatusUpdate.
+                        self.assignment = self.held.pop(0) if self.held else None
                     self._deliver(message, frame)
                 elif isinstance(message, Progress):
                     if self.scheduler is not None:
@@ -212,7 +213,7 @@ class Sidecar:
                 busy_operation=busy.id if busy else None,
                 busy_attempt=busy.attempt if busy else None,
                 boot=self.boot,
-                undelivered=[update.id for update in self.undelivered] + ([self.held.id] if self.held else []),
+                undelivered=[update.id for update in self.undelivered] + [op.id for op in self.held],
             )
         )
         for update in self.undelivered:
@@ -232,8 +233,9 @@ class Sidecar:
                     if running and (running.id, running.attempt) == (message.id, message.attempt) and self.worker:
                         self.worker.send_frame_nowait(frame)
                 elif isinstance(message, Withdraw):
-                    if self.held and (self.held.id, self.held.attempt) == (message.id, message.attempt):
-                        self._withdraw_held("withdrawn by the scheduler")
+                    for op in self.held:
+                        if (op.id, op.attempt) == (message.id, message.attempt):
+                            self._withdraw(op, "withdrawn by the scheduler")
                 elif isinstance(message, Shutdown):
                     if self.worker is not None:
                         self.worker.send_nowait(message)
@@ -254,8 +256,8 @@ class Sidecar:
 
     def _assign(self, op: Operation, frame: bytes) -> None:
         ready = self.worker is not None and self.worker_ready is not None and not self.terminating
-        if ready and self.worker is not None and self.assignment is not None and op.prefetched and not self.held:
-            self.held = op
+        if ready and self.worker is not None and self.assignment is not None and op.prefetched:
+            self.held.append(op)  # the scheduler bounds how many (WORKER_PREFETCH_DEPTH)
             self.worker.send_frame_nowait(frame)
             return
         if self.worker is None or not ready or self.assignment is not None:
@@ -266,16 +268,20 @@ class Sidecar:
         self.worker.send_frame_nowait(frame)
 
     def _withdraw_held(self, reason: str) -> None:
-        """Ask the worker to hand the prefetched operation back unrun. It answers with a
-        StatusUpdate: handed back, or (it had started) the run's own."""
-        if self.held is not None and self.worker is not None:
-            self.worker.send_nowait(Withdraw(id=self.held.id, attempt=self.held.attempt, reason=reason))
+        """Ask the worker to hand every prefetched operation back unrun."""
+        for op in self.held:
+            self._withdraw(op, reason)
+
+    def _withdraw(self, op: Operation, reason: str) -> None:
+        """The worker answers with a StatusUpdate: handed back, or (it had started) the run's own."""
+        if self.worker is not None:
+            self.worker.send_nowait(Withdraw(id=op.id, attempt=op.attempt, reason=reason))
 
     def _hand_back(self, reason: str) -> None:
-        """The worker is gone before it started the prefetched operation (it starts one
-        only after the running one's StatusUpdate): it goes back unrun, its attempt given back."""
-        if self.held is not None:
-            op, self.held = self.held, None
+        """The worker is gone before it started the prefetched operations (it starts one
+        only after the one before's StatusUpdate): they go back unrun, their attempts given back."""
+        held, self.held = self.held, []
+        for op in held:
             self._deliver(StatusUpdate.handed_back(op.id, op.attempt, reason))
 
     def _deliver(self, update: StatusUpdate, frame: bytes | None = None) -> None:

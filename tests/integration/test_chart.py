@@ -867,3 +867,9 @@ def test_worker_prefetch_value_reaches_the_operator_as_a_setting() -> None:
         pod = operator_pod(render("--set", f"configuration.digitalAssetManagement.workerPrefetch={value}"))
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert Settings(WORKER_PREFETCH=env["WORKER_PREFETCH"]).worker_prefetch is expected
+    pod = operator_pod(render())
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert Settings(WORKER_PREFETCH_DEPTH=env["WORKER_PREFETCH_DEPTH"]).worker_prefetch_depth == 1
+    pod = operator_pod(render("--set", "configuration.digitalAssetManagement.workerPrefetchDepth=6"))
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert Settings(WORKER_PREFETCH_DEPTH=env["WORKER_PREFETCH_DEPTH"]).worker_prefetch_depth == 6

@@ -179,3 +179,48 @@ def test_a_new_scheduler_hears_of_the_held_operation_in_the_welcome_and_gets_it_
     assert handed_back.id == 2 and not handed_back.executed
     assert first.id == 1 and first.outcome == "success"
     assert not second_started
+
+
+def test_several_sent_ahead_run_in_order_and_a_withdrawn_middle_one_is_skipped(tmp_path):
+    """WORKER_PREFETCH_DEPTH above 1: three operations held ahead in one write; the
+    middle one is withdrawn while the first runs; the other two run in the order sent."""
+
+    async def scenario():
+        async with pair(tmp_path) as (both, channel):
+            await both.start_first(channel)
+            ahead = [both.operation(op_id, prefetched=True, release=False) for op_id in (2, 3, 4)]
+            channel.writer.write(b"".join(protocol.encode(op) for op in ahead))
+            await channel.send(Withdraw(id=3, attempt=1))
+            handed_back = await _status(channel)  # while the first still runs
+            both.release(1).touch()
+            return handed_back, [await _status(channel) for _ in range(3)], both.started(3)
+
+    handed_back, updates, third_started = asyncio.run(scenario())
+    assert handed_back.id == 3 and not handed_back.executed
+    assert [(u.id, u.outcome) for u in updates] == [(1, "success"), (2, "success"), (4, "success")]
+    assert not any(u.result["overlap"] for u in updates)
+    assert updates[1].result["started"] >= updates[0].result["ended"]
+    assert updates[2].result["started"] >= updates[1].result["ended"]
+    assert not third_started
+
+
+def test_a_new_scheduler_gets_every_held_operation_back(tmp_path):
+    async def scenario():
+        async with pair(tmp_path) as (both, channel):
+            await both.start_first(channel)
+            for op_id in (2, 3):
+                await channel.send(both.operation(op_id, prefetched=True))
+            await both.settled(channel)
+            second, welcome = await both.connect()
+            try:
+                handed_back = [await _status(second), await _status(second)]
+                both.release(1).touch()
+                return welcome, handed_back, await _status(second), both.started(2) or both.started(3)
+            finally:
+                await second.close()
+
+    welcome, handed_back, first, any_started = asyncio.run(scenario())
+    assert welcome.busy_operation == 1 and {2, 3} <= set(welcome.undelivered)
+    assert sorted(u.id for u in handed_back) == [2, 3] and not any(u.executed for u in handed_back)
+    assert first.id == 1 and first.outcome == "success"
+    assert not any_started

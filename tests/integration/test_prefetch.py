@@ -11,7 +11,7 @@ import signal
 import psycopg
 
 from damops import lifecycle
-from damops.operations import enqueue
+from damops.operations import NewOperation, enqueue, enqueue_many
 from tests.support.engine import row, running_engine, settings, wait_final, wait_until
 
 EXCLUSIVE = "tests.support.exclusive:run"
@@ -114,3 +114,43 @@ def test_a_lost_worker_hands_its_held_operation_back_and_it_runs_once(database_u
     assert a["status"] == "SUCCESS" and a["attempts"] == 2  # it may have run: an attempt counted
     assert b["status"] == "SUCCESS" and b["attempts"] == 1  # handed back unrun: its one run
     assert not b["result"]["overlap"]
+
+
+def test_deeper_prefetch_runs_every_operation_once_one_at_a_time_per_worker(database_url, tmp_path):
+    """WORKER_PREFETCH_DEPTH 4 with two workers: up to five operations per worker are
+    claimed at once, yet each runs once, alone on its worker, and a worker killed
+    while it holds several loses none of them."""
+    config = settings(worker_count=2, worker_prefetch=True, worker_prefetch_depth=4)
+    release = tmp_path / "release"
+
+    def enqueue_batch(count: int, inputs: dict) -> list[int]:
+        with psycopg.connect(database_url) as conn:
+            return enqueue_many(conn, [NewOperation(EXCLUSIVE, inputs) for _ in range(count)])
+
+    async def scenario():
+        async with running_engine(database_url, config) as engine:
+            held = await asyncio.to_thread(enqueue_batch, 10, {"dir": str(tmp_path), "release": str(release)})
+            await wait_until(
+                lambda: sum(len(w.ahead) for w in engine.scheduler.table.workers.values()) == 8,
+                30,
+                "each busy worker to hold four ahead",
+            )
+            assert engine.scheduler.snapshot().active == 2
+            assert sum(1 for op_id in held if (tmp_path / f"started-{op_id}").exists()) == 2
+            os.kill(min(engine.worker_pids()), signal.SIGKILL)  # a worker lost with four held
+            release.touch()
+            quick = await asyncio.to_thread(enqueue_batch, 40, {"dir": str(tmp_path), "seconds": 0})
+            await wait_final(database_url, held + quick, timeout=60)
+            return held, quick, engine.scheduler.snapshot().stats
+
+    held, quick, stats = asyncio.run(scenario())
+    rows = [row(database_url, op_id) for op_id in held + quick]
+    assert [r["status"] for r in rows] == ["SUCCESS"] * 50
+    assert not any(r["result"]["overlap"] for r in rows)
+    runs_by_pid: dict[int, list[tuple[float, float]]] = {}
+    for r in rows:
+        runs_by_pid.setdefault(r["result"]["pid"], []).append((r["result"]["started"], r["result"]["ended"]))
+    for runs in runs_by_pid.values():
+        runs.sort()
+        assert all(later[0] >= earlier[1] for earlier, later in zip(runs, runs[1:])), "two ran at once"
+    assert stats["prefetched"] >= 8

@@ -51,7 +51,9 @@ def test_without_prefetch_a_busy_worker_is_never_claimed_for():
 def test_free_workers_come_first_in_claim_order():
     table = ready_table("w1", "w2")
     table.assign(lease(1, "w1"), 1.0)
-    assert table.claimable() == ["w2", "w1"]
+    # w2's own slot first; then the places ahead, one round per place: w2's (it is
+    # sent one ahead with its first) and busy w1's.
+    assert table.claimable() == ["w2", "w2", "w1"]
 
 
 def test_a_held_operation_is_not_executing_and_runs_when_the_first_ends():
@@ -152,3 +154,90 @@ def test_a_restarted_sidecar_recovers_the_held_one_as_a_failure():
     effects = table.connected("w1", "another-boot", busy=None, undelivered=set(), now=3.0)
     assert sorted(c.update.id for c in effects.completions) == [1, 2]
     assert table.workers["w1"].lease is None and table.workers["w1"].next is None
+
+
+# --- deeper prefetch (WORKER_PREFETCH_DEPTH) ------------------------------------
+
+
+def busy_with_two_held() -> WorkerTable:
+    """Depth 2: a free worker is claimed for three slots and sent all three at once."""
+    table = WorkerTable(prefetch=2)
+    table.add("w1", 0.0)
+    table.connected("w1", boot="boot-w1", busy=None, undelivered=set(), now=0.0)
+    table.ready("w1", pid=100, now=0.0)
+    assert table.claimable() == ["w1", "w1", "w1"]
+    assert table.assign(lease(1), 1.0).send == [lease(1)]
+    assert table.assign(lease(2), 1.0).ahead == [lease(2)]
+    assert table.assign(lease(3), 1.0).ahead == [lease(3)]
+    return table
+
+
+def test_the_room_ahead_is_spread_round_by_round_over_the_workers():
+    table = WorkerTable(prefetch=2)
+    for name in ("w1", "w2"):
+        table.add(name, 0.0)
+        table.connected(name, boot=f"boot-{name}", busy=None, undelivered=set(), now=0.0)
+        table.ready(name, pid=100, now=0.0)
+    table.assign(lease(1, "w1"), 1.0)
+    # w2's own slot, then everyone's first place ahead, then everyone's second.
+    assert table.claimable() == ["w2", "w2", "w1", "w2", "w1"]
+
+
+def test_held_operations_start_in_the_order_sent_and_only_one_is_executing():
+    table = busy_with_two_held()
+    worker = table.workers["w1"]
+    assert table.claimable() == [] and table.assign(lease(4), 1.0).releases == [lease(4)]  # full
+    assert table.snapshot(1.0).active == 1 and table.leases() == [lease(1), lease(2), lease(3)]
+    table.status("w1", success(1), 2.0)
+    assert worker.lease == lease(2) and worker.ahead == [lease(3)]
+    assert table.claimable() == ["w1"]  # one place ahead again
+    table.status("w1", success(2), 3.0)
+    table.status("w1", success(3), 4.0)
+    assert worker.lease is None and worker.ahead == [] and worker.state is WorkerState.FREE
+
+
+def test_a_handed_back_one_in_the_middle_leaves_the_others_in_order():
+    table = busy_with_two_held()
+    effects = table.status("w1", handed_back(2), 2.0)
+    assert keys(effects.releases) == [(2, 1, "w1")] and effects.completions == []
+    assert table.workers["w1"].lease == lease(1) and table.workers["w1"].ahead == [lease(3)]
+
+
+def test_a_held_one_that_ran_ends_every_lease_sent_before_it():
+    table = busy_with_two_held()
+    effects = table.status("w1", success(3), 2.0)  # 1's and 2's StatusUpdates were lost
+    ended = {c.update.id: c.update for c in effects.completions}
+    assert set(ended) == {1, 2, 3} and ended[1].retryable and ended[2].retryable and ended[3].outcome == "success"
+    assert table.workers["w1"].lease is None and table.workers["w1"].state is WorkerState.FREE
+
+
+def test_drain_and_stop_withdraw_every_held_one():
+    table = busy_with_two_held()
+    assert table.withdraw_all().withdraw == [lease(2), lease(3)]
+    assert table.drain("w1").withdraw == [lease(2), lease(3)]
+
+
+def test_a_lost_worker_recovers_the_running_one_and_every_held_one():
+    table = busy_with_two_held()
+    effects = table.lost("w1", "gone", 2.0)
+    assert sorted(c.update.id for c in effects.completions) == [1, 2, 3]
+
+
+def test_a_reconnect_finding_a_later_held_one_running_ends_those_whose_update_was_lost():
+    table = busy_with_two_held()
+    table.channel_lost("w1", 2.0)
+    # The worker ran 1 and 2 and started 3 while we were away; only 2's StatusUpdate was kept.
+    effects = table.connected("w1", "boot-w1", busy=(3, 1), undelivered={2}, now=3.0)
+    assert [c.update.id for c in effects.completions] == [1] and effects.releases == []
+    worker = table.workers["w1"]
+    assert worker.lease == lease(2) and worker.ahead == [lease(3)]
+    table.status("w1", success(2), 3.0)  # the kept one
+    assert worker.lease == lease(3) and worker.ahead == [] and worker.state is WorkerState.ACTIVE
+
+
+def test_a_reconnect_to_the_same_sidecar_releases_the_held_ones_it_never_got():
+    table = busy_with_two_held()
+    table.channel_lost("w1", 2.0)
+    effects = table.connected("w1", "boot-w1", busy=(1, 1), undelivered={2}, now=3.0)
+    assert effects.releases == [lease(3)] and effects.completions == []
+    assert table.workers["w1"].lease == lease(1) and table.workers["w1"].ahead == [lease(2)]

@@ -301,6 +301,15 @@ class WorkerPoolSpec(_Model):
             "moment the running one ends; leave off for pools of long operations. Default: the Helm value."
         ),
     )
+    worker_prefetch_depth: int | None = Field(
+        default=None,
+        ge=1,
+        le=32,
+        description=(
+            "WORKER_PREFETCH_DEPTH for this pool: with workerPrefetch on, how many operations a worker may "
+            "hold ahead (deeper: fewer wake-ups per operation for very short ones). Default: the Helm value."
+        ),
+    )
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
     autoscaling: Autoscaling | None = Field(
         default=None,

@@ -20,6 +20,8 @@ def pool_settings(base: Settings, spec: WorkerPoolSpec) -> Settings:
             update[attr] = parse_duration(value)
     if spec.worker_prefetch is not None:
         update["worker_prefetch"] = spec.worker_prefetch
+    if spec.worker_prefetch_depth is not None:
+        update["worker_prefetch_depth"] = spec.worker_prefetch_depth
     return base.model_copy(update=update)
 
 
@@ -44,4 +46,5 @@ class SchedulerConfig:
             s.max_worker_active_time,
             s.operation_wait_interval,
             s.worker_prefetch,
+            s.worker_prefetch_depth,
         )

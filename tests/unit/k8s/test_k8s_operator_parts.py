@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from damops.config import Settings
 from damops.k8s.events import summary
 from damops.k8s.housekeepers import RefCount
@@ -69,3 +72,14 @@ def test_pool_worker_prefetch_overrides_the_operators_and_restarts_the_scheduler
     assert off.worker_prefetch is False
     key = lambda s: SchedulerConfig("postgresql://db", "p", "secret", s).key  # noqa: E731
     assert key(on) != key(pool_settings(base, WorkerPoolSpec())), "a changed prefetch restarts the scheduler"
+
+
+def test_pool_worker_prefetch_depth_overrides_the_operators_and_restarts_the_scheduler() -> None:
+    base = Settings(WORKER_PREFETCH="true", WORKER_PREFETCH_DEPTH="2")
+    assert pool_settings(base, WorkerPoolSpec()).worker_prefetch_depth == 2
+    deeper = pool_settings(base, WorkerPoolSpec.model_validate({"workerPrefetchDepth": 8}))
+    assert deeper.worker_prefetch_depth == 8
+    key = lambda s: SchedulerConfig("postgresql://db", "p", "secret", s).key  # noqa: E731
+    assert key(deeper) != key(pool_settings(base, WorkerPoolSpec())), "a changed depth restarts the scheduler"
+    with pytest.raises(ValidationError):
+        WorkerPoolSpec.model_validate({"workerPrefetchDepth": 0})
