@@ -91,6 +91,16 @@ def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSuper
     return type("Supervisor", (ExperimentSupervisor,), attributes)
 
 
+def prefetch_setting(depth: int) -> str:
+    """How a utilisation line names WORKER_PREFETCH (and its depth)."""
+    return "prefetch off" if not depth else "prefetch on " if depth == 1 else f"prefetch depth {depth}"
+
+
+def prefetch_label(depth: int) -> str:
+    """'' off, ' prefetch' at depth 1 (WORKER_PREFETCH alone), ' prefetch depth N' deeper."""
+    return "" if not depth else " prefetch" if depth == 1 else f" prefetch depth {depth}"
+
+
 class DamopsPool:
     """One pool of pre-heated workers with its scheduler, as ``damops run`` starts them."""
 
@@ -101,14 +111,19 @@ class DamopsPool:
         pool: str,
         uvloop: bool = False,
         child_env: dict[str, str] | None = None,
-        prefetch: bool = False,
+        prefetch: int = 0,
     ) -> None:
         self.url = url
         self.workers = workers
         self.pool = pool
         self.secret = secrets.token_hex(16)
         self.settings = Settings(
-            database_url=url, worker_count=workers, pool=pool, secret=self.secret, worker_prefetch=prefetch
+            database_url=url,
+            worker_count=workers,
+            pool=pool,
+            secret=self.secret,
+            worker_prefetch=prefetch > 0,
+            worker_prefetch_depth=max(prefetch, 1),
         )
         self.scheduler = Scheduler(self.settings, url, secret=self.secret)
         self.supervisor = supervisor_class(uvloop, child_env or {})(self.scheduler, workers, self.secret)
@@ -243,20 +258,22 @@ async def run_damops(
     uvloop: bool = False,
     child_env: dict[str, str] | None = None,
     prefetch_workers: list[int] | None = None,
+    prefetch_depths: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Each worker count with the default settings, then those of ``prefetch_workers``
-    again with WORKER_PREFETCH on."""
+    again with WORKER_PREFETCH on, at each of ``prefetch_depths`` (WORKER_PREFETCH_DEPTH)."""
     applied = await asyncio.to_thread(migrate, url)
     log.info("migrated: %s", applied)
     results = []
     producer = await asyncio.to_thread(psycopg.connect, url)
     poller = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
-        configs = [(w, False) for w in worker_counts] + [(w, True) for w in prefetch_workers or []]
+        configs = [(w, 0) for w in worker_counts]
+        configs += [(w, depth) for w in prefetch_workers or [] for depth in prefetch_depths or [1]]
         for workers, prefetch in configs:
-            name = f"bench-{run_tag}-{workers}w" + ("-prefetch" if prefetch else "")
+            name = f"bench-{run_tag}-{workers}w" + (f"-prefetch{prefetch}" if prefetch else "")
             pool = DamopsPool(url, workers, name, uvloop=uvloop, child_env=child_env, prefetch=prefetch)
-            label = f"damops {workers:>2} workers" + (" prefetch" if prefetch else "")
+            label = f"damops {workers:>2} workers" + prefetch_label(prefetch)
             entry: dict[str, Any] = {"system": "damops", "workers": workers, "prefetch": prefetch, "pool": pool.pool}
             experiments = []
             if uvloop:

@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from damops_suite import prefetch_label, prefetch_setting  # noqa: E402
 from util import (  # noqa: E402
     create_database,
     load,
@@ -83,10 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="16",
         help="worker counts measured again with WORKER_PREFETCH on (comma-separated, or 'none')",
     )
+    p.add_argument(
+        "--prefetch-depths", default="1,4", help="WORKER_PREFETCH_DEPTH of those prefetch runs (comma-separated)"
+    )
     p.add_argument("--util-workers", type=int, default=64, help="workers of the utilisation runs (0: skip them)")
     p.add_argument("--util-durations-ms", default="10,100", help="operation durations of the utilisation runs")
     p.add_argument("--util-ops-per-worker", default=None, help="operations per worker by duration, e.g. '10=40,100=8'")
-    p.add_argument("--util-prefetch", default="off,on", help="WORKER_PREFETCH settings of the utilisation runs")
+    p.add_argument(
+        "--util-prefetch",
+        default="off,on",
+        help="WORKER_PREFETCH of the utilisation runs: off, on (depth 1) or a WORKER_PREFETCH_DEPTH",
+    )
     p.add_argument("--startup-samples", type=int, default=3, help="16-worker start-ups timed (0: skip)")
     p.add_argument("--latency-samples", type=int, default=None)
     p.add_argument("--latency-pause-ms", type=float, default=25.0, help="pause between latency samples")
@@ -152,7 +160,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args.util_durations = [float(d) for d in args.util_durations_ms.split(",") if d]
     args.util_per_worker = {float(k): int(v) for k, v in (kv.split("=") for kv in args.util_ops_per_worker.split(","))}
-    args.util_prefetch_list = [x.strip() == "on" for x in args.util_prefetch.split(",") if x.strip()]
+    args.prefetch_depth_list = [int(d) for d in args.prefetch_depths.split(",") if d.strip()]
+    depth_of = {"off": 0, "on": 1}
+    settings = [x.strip() for x in args.util_prefetch.split(",") if x.strip()]
+    args.util_prefetch_list = [depth_of[x] if x in depth_of else int(x) for x in settings]
     return args
 
 
@@ -208,6 +219,7 @@ async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[st
         uvloop=args.uvloop,
         child_env=dict(kv.split("=", 1) for kv in args.child_env),
         prefetch_workers=args.prefetch_worker_counts,
+        prefetch_depths=args.prefetch_depth_list,
     )
 
 
@@ -311,7 +323,7 @@ def merge_entries(rounds: list[list[dict[str, Any]]], key: Any) -> list[dict[str
 
 
 def damops_label(entry: dict[str, Any]) -> str:
-    return f"damops {entry['workers']} workers" + (" prefetch" if entry.get("prefetch") else "")
+    return f"damops {entry['workers']} workers" + prefetch_label(int(entry.get("prefetch") or 0))
 
 
 def peer_label(peer: dict[str, Any]) -> str:
@@ -333,7 +345,7 @@ def ratios(report: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             r: dict[str, Any] = {
                 "damops_workers": d["workers"],
-                "damops_prefetch": d.get("prefetch", False),
+                "damops_prefetch": int(d.get("prefetch") or 0),
                 "peer": peer_label(peer),
                 "throughput_ratio": round(d["throughput"]["ops_per_s"] / peer["throughput"]["ops_per_s"], 3),
             }
@@ -370,7 +382,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 r["throughput_ratio"]
                 for r in report["ratios"]
                 if r["damops_workers"] == d["workers"]
-                and r["damops_prefetch"] == d.get("prefetch", False)
+                and r["damops_prefetch"] == int(d.get("prefetch") or 0)
                 and r["peer"].startswith("pgqueuer")
                 and r["peer"].endswith("batch 10")
             ),
@@ -386,7 +398,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         goal = TARGETS["utilisation_percent"].get(u["operation_ms"])
         if goal is None:
             continue
-        name = f"{u['workers']} workers x {u['operation_ms']:g} ms, prefetch {'on' if u['prefetch'] else 'off'}: % of ideal"
+        name = f"{u['workers']} workers x {u['operation_ms']:g} ms, {prefetch_setting(int(u['prefetch'])).strip()}: % of ideal"
         add(name, u.get("steady_percent_of_ideal"), goal, True, "%")
     startup = report.get("startup")
     if startup:
@@ -443,7 +455,11 @@ def table(report: dict[str, Any]) -> str:
     if rs:
         lines += ["", f"damops {TARGETS['workers']} workers / peer (same run):"]
         for r in rs:
-            r = {**r, "peer": ("(prefetch) " if r["damops_prefetch"] else "") + r["peer"]}
+            r = {
+                **r,
+                "peer": (f"({prefetch_label(r['damops_prefetch']).strip()}) " if r["damops_prefetch"] else "")
+                + r["peer"],
+            }
             extra = ""
             if "latency_p50_ratio" in r:
                 extra = f"   latency p50 x{r['latency_p50_ratio']:.2f}, p99 x{r['latency_p99_ratio']:.2f}"
@@ -459,7 +475,7 @@ def table(report: dict[str, Any]) -> str:
             continue
         gap = u["gap"]
         lines.append(
-            f"  {u['workers']} workers x {u['operation_ms']:>5g} ms, prefetch {'on ' if u['prefetch'] else 'off'}: "
+            f"  {u['workers']} workers x {u['operation_ms']:>5g} ms, {prefetch_setting(int(u['prefetch']))}: "
             f"{u['steady_ops_per_s']:>7.0f} ops/s = {u['steady_percent_of_ideal']:5.1f}% of {u['ideal_ops_per_s']:.0f} "
             f"(end to end {u['end_to_end_percent_of_ideal']:.1f}%); gap p50 {fmt(gap.get('p50_ms'), '.2f')} ms "
             f"p99 {fmt(gap.get('p99_ms'), '.2f')} ms; busy {fmt(u.get('busy_percent'), '.1f')}%, "
@@ -575,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.database_url:
                 stop_embedded(home)
     report["damops"] = merge_entries(
-        [r.get("damops", []) for r in rounds], lambda e: f"{e['workers']}-{e.get('prefetch', False)}"
+        [r.get("damops", []) for r in rounds], lambda e: f"{e['workers']}-{int(e.get('prefetch') or 0)}"
     )
     report["peers"] = merge_entries([r.get("peers", []) for r in rounds], peer_label)
     report["rounds"] = [

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from damops_suite import DamopsPool, _enqueue_batch
+from damops_suite import DamopsPool, _enqueue_batch, prefetch_setting
 from util import latency_summary, load
 
 from damops.db import migrate
@@ -80,7 +80,7 @@ def figures(rows: list[tuple[Any, ...]], workers: int, seconds: float, wall: flo
 
 
 async def run_one(
-    url: str, workers: int, seconds: float, per_worker: int, prefetch: bool, pool_name: str
+    url: str, workers: int, seconds: float, per_worker: int, prefetch: int, pool_name: str
 ) -> dict[str, Any]:
     pool = DamopsPool(url, workers, pool_name, prefetch=prefetch)
     entry: dict[str, Any] = {
@@ -126,22 +126,25 @@ async def run_one(
 
 
 async def run_utilisation(
-    url: str, workers: int, durations_ms: list[float], per_worker: dict[float, int], prefetch: list[bool], tag: str
+    url: str, workers: int, durations_ms: list[float], per_worker: dict[float, int], prefetch: list[int], tag: str
 ) -> list[dict[str, Any]]:
+    """``prefetch``: WORKER_PREFETCH_DEPTH of each run, 0 with WORKER_PREFETCH off."""
     workers_see_bench_triggers()
     await asyncio.to_thread(migrate, url)
     results = []
     for ms in durations_ms:
         for on in prefetch:
-            name = f"bench-util-{tag}-{ms:g}ms-{'prefetch' if on else 'plain'}"
+            name = f"bench-util-{tag}-{ms:g}ms-{f'prefetch{on}' if on else 'plain'}"
             entry = await run_one(url, workers, ms / 1000, per_worker.get(ms, 10), on, name)
             results.append(entry)
             if "error" in entry:
-                print(f"  {workers} workers x {ms:g} ms ops, prefetch {on}: ERROR {entry['error']}", flush=True)
+                print(
+                    f"  {workers} workers x {ms:g} ms ops, {prefetch_setting(on)}: ERROR {entry['error']}", flush=True
+                )
                 continue
             gap = entry["gap"]
             print(
-                f"  {workers} workers x {ms:g} ms ops, prefetch {'on ' if on else 'off'}: "
+                f"  {workers} workers x {ms:g} ms ops, {prefetch_setting(on)}: "
                 f"steady {entry['steady_ops_per_s']:.0f} ops/s = {entry['steady_percent_of_ideal']:.1f}% of "
                 f"{entry['ideal_ops_per_s']:.0f}; end to end {entry['end_to_end_percent_of_ideal']:.1f}%; "
                 f"gap p50 {gap.get('p50_ms', float('nan')):.2f} ms p99 {gap.get('p99_ms', float('nan')):.2f} ms; "
