@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 from cpu import CpuMeter, brief, per_op, postmaster_pid
-from util import Timed, latency_block, load, throughput_summary, wait_until
+from util import Timed, latency_block, load, prefetch_label, throughput_summary, wait_until
 
 from damops.config import Settings
 from damops.db import migrate
@@ -89,16 +89,6 @@ def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSuper
     # uvloop children are started by command line (``_command``), not forked from the zygote.
     attributes = {"uvloop": uvloop, "extra_env": dict(child_env), "fork": LocalSupervisor.fork and not uvloop}
     return type("Supervisor", (ExperimentSupervisor,), attributes)
-
-
-def prefetch_setting(depth: int) -> str:
-    """How a utilisation line names WORKER_PREFETCH (and its depth)."""
-    return "prefetch off" if not depth else "prefetch on " if depth == 1 else f"prefetch depth {depth}"
-
-
-def prefetch_label(depth: int) -> str:
-    """'' off, ' prefetch' at depth 1 (WORKER_PREFETCH alone), ' prefetch depth N' deeper."""
-    return "" if not depth else " prefetch" if depth == 1 else f" prefetch depth {depth}"
 
 
 class DamopsPool:

@@ -26,12 +26,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from damops_suite import prefetch_label, prefetch_setting  # noqa: E402
 from util import (  # noqa: E402
     create_database,
     load,
     machine,
     merge_latency,
+    prefetch_label,
+    prefetch_setting,
     server_settings,
     server_version,
     throughput_summary,

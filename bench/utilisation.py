@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from damops_suite import DamopsPool, _enqueue_batch, prefetch_setting
-from util import latency_summary, load
+from damops_suite import DamopsPool, _enqueue_batch
+from util import latency_summary, load, prefetch_setting
 
 from damops.db import migrate
 from damops.operations import NewOperation

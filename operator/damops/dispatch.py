@@ -404,7 +404,7 @@ class WorkerTable:
         free = [w.name for w in self.workers.values() if w.claimable]
         if not self.prefetch:
             return free
-        room = {name: self.prefetch for name in free if not self.workers[name].worker_gone}
+        room = {name: self.prefetch for name in free}
         room |= {w.name: self.prefetch - len(w.ahead) for w in self.workers.values() if w.prefetchable}
         for place in range(self.prefetch):
             free += [name for name, left in room.items() if left > place]
