@@ -205,6 +205,33 @@ def test_one_statement_writes_the_status_updates_and_claims_for_the_free_workers
     assert (again.id, again.attempt) == (retried, 2)
 
 
+def test_status_updates_reach_the_row_exactly_as_the_worker_sent_them(conn):
+    """The StatusUpdates travel as one JSON array of rows: a null result stays a
+    JSON null (not SQL NULL), nested results, quotes and non-ASCII text arrive intact."""
+    ids = enqueue_many(conn, [NewOperation("noop", max_attempts=1) for _ in range(3)])
+    leases = {
+        lease.id: lease
+        for lease in map(
+            store.lease_from_claim, conn.execute(store.CLAIM_SQL, store.claim_params("default", ["a", "b", "c"], 30.0))
+        )
+    }
+    nested = {"list": [1, 2.5, None, "x"], "deep": {"é": '"quoted" \\ back'}}
+    error = 'ValueError: "bad" input \\ ünïcödé ✓\nsecond line'
+    updates = [
+        StatusUpdate(id=ids[0], attempt=1, outcome="success", result=None),
+        StatusUpdate(id=ids[1], attempt=1, outcome="success", result=nested),
+        StatusUpdate.failure(ids[2], 1, error, traceback="Traceback: 'x'\n  ✗"),
+    ]
+    conn.execute(store.COMPLETE_SQL, store.complete_params([store.Completion(u, leases[u.id].worker) for u in updates]))
+    stored = dict(conn.execute("SELECT id, result IS NULL FROM damops.operations WHERE id = ANY(%s)", [ids]).fetchall())
+    assert stored[ids[0]] is False  # JSON null, as the worker sent it
+    assert get(conn, ids[0]).status == "SUCCESS" and get(conn, ids[0]).result is None
+    assert get(conn, ids[1]).result == nested
+    failed = get(conn, ids[2])
+    assert (failed.status, failed.error) == ("FAILED", error)
+    assert attempts(conn, ids[2])[0].traceback == "Traceback: 'x'\n  ✗"
+
+
 def test_the_two_statements_of_a_cycle_name_their_parameters_apart():
     with pytest.raises(ValueError, match="free_workers"):
         store.complete_and_claim_params({"free_workers": []}, store.claim_params("default", ["a"], 30.0))
