@@ -233,6 +233,7 @@ class DispatchCycle:
     def _count(self, applied: list[tuple[Any, ...]]) -> list[store.Completed]:
         """Count what the StatusUpdates did, and log one line per operation that finished a run."""
         completed = store.completed_rows(applied)
+        log_finished = finished_log.isEnabledFor(logging.INFO)  # the line and its fields cost more than the check
         for done in completed:
             counter = _COUNTERS.get(done.status)
             if counter is not None:
@@ -240,17 +241,18 @@ class DispatchCycle:
             metrics.observe_run(
                 self.pool, done.trigger_function, done.status, done.attempts, done.duration, done.waited
             )
-            finished_log.info(
-                done.describe(),
-                extra={
-                    "operation_id": done.id,
-                    "trigger_function": done.trigger_function,
-                    "attempt": done.attempts,
-                    "pool": self.pool,
-                    "outcome": done.status,
-                    "duration_seconds": done.duration,
-                },
-            )
+            if log_finished:
+                finished_log.info(
+                    done.describe(),
+                    extra={
+                        "operation_id": done.id,
+                        "trigger_function": done.trigger_function,
+                        "attempt": done.attempts,
+                        "pool": self.pool,
+                        "outcome": done.status,
+                        "duration_seconds": done.duration,
+                    },
+                )
         return completed
 
 

@@ -6,8 +6,10 @@ The operator's own metrics (per WorkerPool, API requests) are in damops.k8s.metr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -40,11 +42,23 @@ QUEUE_WAIT = Histogram(
 def observe_run(
     pool: str, trigger_function: str, status: str, attempts: int, duration: float | None, waited: float | None
 ) -> None:
-    FINISHED.labels(pool, trigger_function, status).inc()
+    finished, durations, queue_waits = _series(pool, trigger_function, status)
+    finished.inc()
     if duration is not None:
-        DURATION.labels(pool, trigger_function).observe(max(duration, 0.0))
+        durations.observe(max(duration, 0.0))
     if waited is not None and attempts == 1:
-        QUEUE_WAIT.labels(pool, trigger_function).observe(max(waited, 0.0))
+        queue_waits.observe(max(waited, 0.0))
+
+
+@functools.cache
+def _series(pool: str, trigger_function: str, status: str) -> tuple[Any, Any, Any]:
+    """The labelled series of one kind of run, looked up once: ``labels()``
+    validates and locks on every call, a cost paid per operation otherwise."""
+    return (
+        FINISHED.labels(pool, trigger_function, status),
+        DURATION.labels(pool, trigger_function),
+        QUEUE_WAIT.labels(pool, trigger_function),
+    )
 
 
 class WorkersCollector(Collector):
