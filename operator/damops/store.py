@@ -70,10 +70,10 @@ RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_cont
 # - WAIT gives the attempt back (waiting is not failing).
 _COMPLETE_CTES = """
 u AS (
-    SELECT id, attempt, worker, outcome, boxed_result -> 0 AS result, error, retryable, delay, traceback
-    FROM jsonb_to_recordset(%(updates)s::jsonb)
-        AS u(id bigint, attempt int, worker text, outcome text, boxed_result jsonb, error text, retryable bool,
-             delay float8, traceback text)
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[], %(outcomes)s::text[],
+                         %(results)s::jsonb[], %(errors)s::text[], %(retryables)s::bool[],
+                         %(delays)s::float8[], %(tracebacks)s::text[])
+        AS u(id, attempt, worker, outcome, result, error, retryable, delay, traceback)
 ), decided AS (
     SELECT o.id, u.attempt, u.worker, u.outcome, u.result, u.error, u.retryable, u.delay, u.traceback,
            CASE
@@ -221,32 +221,19 @@ def bound_error(text: str | None) -> str | None:
 def complete_params(
     completions: Sequence[Completion], *, policy: RetryPolicy = DEFAULT_POLICY, default_max_attempts: int = 3
 ) -> dict[str, Any]:
-    """COMPLETE_SQL's parameters: the StatusUpdates as one JSON array of rows.
-
-    One jsonb value is encoded by the C JSON encoder in one call, where nine
-    arrays were dumped element by element (most of the scheduler's time in
-    psycopg). A success's result is boxed in a one-element array: a bare JSON
-    null would become SQL NULL in jsonb_to_recordset, and the row keeps it.
-    """
+    updates = [c.update for c in completions]
     return {
-        "updates": Jsonb([_update_row(c, policy) for c in completions]),
-        "default_max_attempts": default_max_attempts,
-    }
-
-
-def _update_row(completion: Completion, policy: RetryPolicy) -> dict[str, Any]:
-    u = completion.update
-    return {
-        "id": u.id,
-        "attempt": u.attempt,
-        "worker": completion.worker,
-        "outcome": u.outcome,
-        "boxed_result": [u.result] if u.outcome == "success" else None,
-        "error": bound_error(u.error),
-        "retryable": u.retryable,
+        "ids": [u.id for u in updates],
+        "attempts": [u.attempt for u in updates],
+        "workers": [c.worker for c in completions],
+        "outcomes": [u.outcome for u in updates],
+        "results": [Jsonb(u.result) if u.outcome == "success" else None for u in updates],
+        "errors": [bound_error(u.error) for u in updates],
+        "retryables": [u.retryable for u in updates],
         # Used only by rows that go back to NEW; computed for all, it is cheap.
-        "delay": retry_delay(u.attempt, u.retry_after, policy),
-        "traceback": bound_traceback(u.traceback),
+        "delays": [retry_delay(u.attempt, u.retry_after, policy) for u in updates],
+        "tracebacks": [bound_traceback(u.traceback) for u in updates],
+        "default_max_attempts": default_max_attempts,
     }
 
 
