@@ -319,9 +319,9 @@ def test_prefetching_pool_hands_back_held_operations_when_scaled_down() -> None:
     apply_pool(name, 3, workerPrefetch=True, workerPrefetchDepth=3)
     wait_ready(name, 3)
     ids = enqueue(name, "sleep", 18, {"seconds": 2})  # more than 6 stay claimed for about 6 s
-    wait_for("3 active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 3, 60, 0.3)
     # Depth 1 claims at most 2 per worker (6 here): more means the depth reached the pool.
     wait_for("more than 2 claimed per worker", lambda: statuses(ids).get("PROCESSING", 0) > 6, 60, 0.3)
+    wait_for("3 active workers", lambda: (workerpool(name)["status"].get("activeWorkers") or 0) >= 3, 60, 0.3)
     kubectl("scale", f"workerpool/{name}", "--replicas=1")
     final = wait_all_final(ids, timeout=240)
     assert all(r["status"] == "SUCCESS" and r["attempts"] == 1 for r in final), final
