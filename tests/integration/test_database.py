@@ -206,8 +206,8 @@ def test_one_statement_writes_the_status_updates_and_claims_for_the_free_workers
 
 
 def test_status_updates_reach_the_row_exactly_as_the_worker_sent_them(conn):
-    """The StatusUpdates travel as one JSON array of rows: a null result stays a
-    JSON null (not SQL NULL), nested results, quotes and non-ASCII text arrive intact."""
+    """What COMPLETE_SQL stores is what the worker sent: a null result stays a JSON
+    null (not SQL NULL); nested results, quotes and non-ASCII text arrive intact."""
     ids = enqueue_many(conn, [NewOperation("noop", max_attempts=1) for _ in range(3)])
     leases = {
         lease.id: lease
