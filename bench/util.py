@@ -16,14 +16,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
-def prefetch_setting(depth: int) -> str:
-    """How a utilisation line names WORKER_PREFETCH (and its depth)."""
-    return "prefetch off" if not depth else "prefetch on " if depth == 1 else f"prefetch depth {depth}"
-
-
 def prefetch_label(depth: int) -> str:
     """'' off, ' prefetch' at depth 1 (WORKER_PREFETCH alone), ' prefetch depth N' deeper."""
-    return "" if not depth else " prefetch" if depth == 1 else f" prefetch depth {depth}"
+    return "" if not depth else " prefetch" + (f" depth {depth}" if depth > 1 else "")
+
+
+def prefetch_setting(depth: int) -> str:
+    """How a utilisation line names WORKER_PREFETCH (and its depth): off and on padded alike."""
+    return "prefetch off" if not depth else "prefetch on " if depth == 1 else prefetch_label(depth).strip()
 
 
 def create_database(admin_url: str, name: str) -> str:

@@ -359,32 +359,34 @@ class WorkerTable:
             effects.completions.append(Completion(update, name))
         if worker is None:
             return effects
-        position = next((i for i, held in enumerate(worker.ahead) if held.id == update.id), None)
-        if position is not None:
-            # One held ahead: handed back unrun, or it ran, so every lease sent before it
-            # ended and their StatusUpdates were lost; the worker then started the next.
-            del worker.ahead[position]
-            if update.executed:
-                for lost in [worker.lease, *worker.ahead[:position]]:
-                    if lost is not None:
-                        effects += self._end(worker, lost, f"worker {name}'s StatusUpdate was lost")
-                worker.lease, worker.ahead = None, worker.ahead[position:]
-                worker.last_touched = now
-                if worker.ahead:
-                    worker.lease = worker.ahead.pop(0)
-                    worker.state = WorkerState.ACTIVE
-            if worker.lease is None and not worker.ahead:
+        if worker.lease is not None and worker.lease.id == update.id:
+            worker.lease = None
+            worker.last_touched = now
+            if worker.ahead:
+                # The worker started the next one held ahead the moment this one ended.
+                worker.lease = worker.ahead.pop(0)
+            else:
                 self._idle(worker, now, effects)
             return effects
-        if worker.lease is None or worker.lease.id != update.id:
+        # Only a StatusUpdate for one held ahead is left (rare): the running lease's is
+        # matched first, so the usual StatusUpdate does not scan the held ones.
+        position = next((i for i, held in enumerate(worker.ahead) if held.id == update.id), None)
+        if position is None:
             return effects
-        worker.lease = None
-        worker.last_touched = now
-        if worker.ahead:
-            # The worker started the next one held ahead the moment this one ended.
-            worker.lease = worker.ahead.pop(0)
-            return effects
-        self._idle(worker, now, effects)
+        # Handed back unrun, or it ran, so every lease sent before it ended and their
+        # StatusUpdates were lost; the worker then started the next.
+        del worker.ahead[position]
+        if update.executed:
+            for lost in [worker.lease, *worker.ahead[:position]]:
+                if lost is not None:
+                    effects += self._end(worker, lost, f"worker {name}'s StatusUpdate was lost")
+            worker.lease, worker.ahead = None, worker.ahead[position:]
+            worker.last_touched = now
+            if worker.ahead:
+                worker.lease = worker.ahead.pop(0)
+                worker.state = WorkerState.ACTIVE
+        if worker.lease is None and not worker.ahead:
+            self._idle(worker, now, effects)
         return effects
 
     def _idle(self, worker: Worker, now: float, effects: Effects) -> None:

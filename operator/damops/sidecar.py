@@ -144,12 +144,13 @@ class Sidecar:
             while True:
                 message, frame = await channel.receive_frame(timeout=None)
                 if isinstance(message, StatusUpdate):
-                    withdrawn = next((op for op in self.held if op.id == message.id), None)
-                    if withdrawn is not None:
-                        self.held.remove(withdrawn)  # the worker handed it back unrun
-                    elif self.assignment and self.assignment.id == message.id:
+                    if self.assignment and self.assignment.id == message.id:
                         # The worker starts the next held one (if any) right after this StatusUpdate.
                         self.assignment = self.held.pop(0) if self.held else None
+                    else:
+                        withdrawn = next((op for op in self.held if op.id == message.id), None)
+                        if withdrawn is not None:
+                            self.held.remove(withdrawn)  # the worker handed it back unrun
                     self._deliver(message, frame)
                 elif isinstance(message, Progress):
                     if self.scheduler is not None:
