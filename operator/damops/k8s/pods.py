@@ -59,6 +59,7 @@ def pod_info(pod: dict[str, Any]) -> PodInfo:
         draining=(meta.get("annotations") or {}).get(ANNOTATION_DRAINING) == "true",
         created=meta.get("creationTimestamp", ""),
         deletion_cost=(meta.get("annotations") or {}).get(ANNOTATION_DELETION_COST),
+        pod_ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []),
     )
 
 

@@ -8,7 +8,8 @@ Rules (issue 3):
   deleted once the scheduler has let it go (operation ended) – or it expires.
 * A change of the pod template replaces free workers in rolling fashion: up to
   ``max_surge`` new pods are started, and an outdated free worker is deleted only
-  once enough ready workers remain (``ready - 1 >= replicas``).
+  once enough ready workers remain (``ready - 1 >= replicas``), ready both to the
+  scheduler and to the kubelet.
 * Failed/succeeded pods are deleted (the next round replaces them).
 """
 
@@ -60,6 +61,9 @@ class PodInfo:
     draining: bool = False  # annotated damops.dev/draining
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
     worker_state: WorkerState | None = None  # from the scheduler; None = not known to it
+    # The kubelet's Ready condition. The scheduler may see a worker free a probe period
+    # before the kubelet does; capacity kept during a rolling replacement needs both.
+    pod_ready: bool = True
     deletion_cost: str | None = None  # annotation controller.kubernetes.io/pod-deletion-cost
 
 
@@ -98,6 +102,9 @@ def _state(p: PodInfo) -> WorkerState:
     return WorkerState(p.worker_state) if p.worker_state else WorkerState.PENDING
 
 
+_SERVING = (WorkerState.FREE, WorkerState.ACTIVE)
+
+
 def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int = 1) -> Plan:
     """Decide what to do now. Called again after every change (level-triggered)."""
     result = Plan()
@@ -133,7 +140,8 @@ def plan(desired: int, template_hash: str, pods: list[PodInfo], max_surge: int =
 
     outdated = [p for p in serving if p.template_hash != template_hash]
     current_pending = [p for p in serving if p.template_hash == template_hash and _state(p) is WorkerState.PENDING]
-    ready = result.ready - result.draining
+    # Workers that count as capacity kept while an outdated or surplus one is deleted.
+    ready = sum(1 for p, state in zip(serving, states) if state in _SERVING and p.pod_ready)
     excess = len(serving) - desired
 
     if excess < 0:

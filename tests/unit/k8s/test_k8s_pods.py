@@ -35,6 +35,15 @@ def test_pod_info_reads_phase_ip_hash_and_draining() -> None:
     assert pod_info({"metadata": {"name": "new"}}).phase == "Pending"  # a pod just created has no status
 
 
+def test_pod_info_reads_the_kubelets_ready_condition() -> None:
+    body = {"metadata": {"name": "w"}, "status": {"phase": "Running"}}
+    assert pod_info(body).pod_ready is False
+    body["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    assert pod_info(body).pod_ready is False
+    body["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]
+    assert pod_info(body).pod_ready is True
+
+
 def test_broken_containers_are_problems() -> None:
     pod = raw(
         containerStatuses=[

@@ -77,6 +77,15 @@ def test_rolling_update_surges_then_replaces_free_workers_one_by_one() -> None:
     assert p3.names("drain") == []
 
 
+def test_rolling_update_waits_for_the_kubelet_to_see_the_surge_pod_ready() -> None:
+    """Free to the scheduler but not yet Ready to the kubelet: the outdated one stays."""
+    pods = [pod("o1", "free", h=OLD), pod("o2", "free", h=OLD)]
+    surge = pod("n1", "free", created="2026-01-01T00:01:00Z", pod_ready=False)
+    assert plan(2, H, [*pods, surge]).names("delete") == []
+    ready = pod("n1", "free", created="2026-01-01T00:01:00Z")
+    assert len(plan(2, H, [*pods, ready]).names("delete")) == 1
+
+
 def test_rolling_update_never_touches_active_outdated_workers_while_free_ones_remain() -> None:
     pods = [pod("o1", "active", h=OLD), pod("n1", "free"), pod("n2", "free")]
     assert plan(3, H, pods).actions == []  # nothing replaceable: o1 is replaced when it is free
