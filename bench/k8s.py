@@ -62,13 +62,23 @@ def ready_pods(ns: Namespace, pool: str) -> int:
     return sum(1 for p in ns.live_pods(pool) if pod_ready(p))
 
 
-def time_to_ready(ns: Namespace, pool: str, images: Images, replicas: int, marks: list[int]) -> dict[str, float]:
+def time_to_ready(
+    ns: Namespace, pool: str, images: Images, replicas: int, marks: list[int], prefetch_depth: int
+) -> dict[str, float]:
     """Apply a WorkerPool of ``replicas`` and time each mark of Ready pods from the apply."""
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "pool": pool,
+        "image": images.worker,
+        "imagePullPolicy": images.pull_policy,
+    }
+    if prefetch_depth:
+        spec |= {"workerPrefetch": True, "workerPrefetchDepth": prefetch_depth}
     body = {
         "apiVersion": "damops.dev/v1alpha1",
         "kind": "WorkerPool",
         "metadata": {"name": pool, "namespace": ns.name},
-        "spec": {"replicas": replicas, "pool": pool, "image": images.worker, "imagePullPolicy": images.pull_policy},
+        "spec": spec,
     }
     began = time.monotonic()
     ns.apply(body)
@@ -155,6 +165,12 @@ def main() -> int:
     p.add_argument("--ops", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--idle-seconds", type=float, default=60)
+    p.add_argument(
+        "--prefetch-depth",
+        type=int,
+        default=0,
+        help="the WorkerPool's workerPrefetchDepth (0: prefetch off, the default)",
+    )
     args = p.parse_args()
     db_url, pod_db_url = preflight()
     migrate(db_url)
@@ -172,10 +188,13 @@ def main() -> int:
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "nodes": len(json.loads(subprocess.check_output(["kubectl", "get", "nodes", "-o", "json"]))["items"]),
         "images": vars(images),
+        "prefetch_depth": args.prefetch_depth,
     }
     try:
         marks = sorted({m for m in (10, args.max_workers) if m <= args.max_workers})
-        result["startup_seconds_to_ready"] = time_to_ready(ns, pool, images, args.max_workers, marks)
+        result["startup_seconds_to_ready"] = time_to_ready(
+            ns, pool, images, args.max_workers, marks, args.prefetch_depth
+        )
         result["uptime_after_startup"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         print(f"start-up: {args.max_workers} workers, seconds to N Ready: {result['startup_seconds_to_ready']}")
         scale(ns, pool, args.workers)
@@ -202,7 +221,7 @@ def main() -> int:
         uninstall_operator(ns, release)
     t = result["throughput"]
     print(
-        f"through pods, {t['workers']} workers: {t['ops_per_s_median']} ops/s (range {t['ops_per_s_range']}); "
+        f"through pods, {t['workers']} workers, prefetch depth {args.prefetch_depth or 'off'}: {t['ops_per_s_median']} ops/s (range {t['ops_per_s_range']}); "
         f"operator CPU {t['operator_cpu_us_per_op_median']} µs/op = {t['operator_cores_per_1000_ops_s_median']} "
         f"cores per 1,000 ops/s; API requests/min busy {t['api_requests_per_min_busy_median']}, "
         f"idle {result['api_requests_per_min_idle']}"

@@ -5,16 +5,29 @@ else on the standard event loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def event_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A new event loop (uvloop's where installed), closed on the way out: for
+    code that runs its loop itself, as ``kopf.run(loop=...)`` does."""
+    with _runner() as runner:
+        yield runner.get_loop()
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
+    with _runner() as runner:
+        return runner.run(main)
+
+
+def _runner() -> asyncio.Runner:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)

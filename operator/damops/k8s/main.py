@@ -16,6 +16,8 @@ import logging
 import os
 from collections.abc import Sequence
 
+from damops.loop import event_loop
+
 LOG_FORMATS = ("plain", "full", "json")
 
 
@@ -74,13 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import damops.k8s.handlers  # noqa: F401 - registers the handlers
 
     namespaces = args.namespace or args.env_namespaces
-    kopf.run(
-        clusterwide=not namespaces,
-        namespaces=namespaces or (),
-        standalone=args.standalone,
-        peering_name=None if args.standalone else args.peering,
-        liveness_endpoint=args.liveness or None,
-    )
+    # kopf.run() alone would use the standard loop (kopf picks uvloop only in its own
+    # CLI); the scheduler's dispatch cycles run on this loop too.
+    with event_loop() as loop:
+        kopf.run(
+            loop=loop,
+            clusterwide=not namespaces,
+            namespaces=namespaces or (),
+            standalone=args.standalone,
+            peering_name=None if args.standalone else args.peering,
+            liveness_endpoint=args.liveness or None,
+        )
     return 0
 
 
