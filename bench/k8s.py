@@ -171,13 +171,27 @@ def main() -> int:
         default=0,
         help="the WorkerPool's workerPrefetchDepth (0: prefetch off, the default)",
     )
+    p.add_argument(
+        "--set",
+        dest="helm_sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Helm value of the operator's release (repeatable), e.g. operator.operationLog=false",
+    )
     args = p.parse_args()
     db_url, pod_db_url = preflight()
     migrate(db_url)
     images = Images.from_env()
     run = uuid.uuid4().hex[:6]
     ns, release, pool = Namespace(f"damops-bench-{run}"), f"damops-bench-{run}", f"bench-{run}"
-    proc = install_operator(ns, release, pod_db_url, images, sets={"operator.resources.requests.cpu": "50m"})
+    proc = install_operator(
+        ns,
+        release,
+        pod_db_url,
+        images,
+        sets={"operator.resources.requests.cpu": "50m", **dict(kv.split("=", 1) for kv in args.helm_sets)},
+    )
     if proc.returncode != 0:
         sys.exit(f"helm install failed: {proc.stderr.strip()[:2000]}")
     result: dict[str, Any] = {
@@ -189,6 +203,7 @@ def main() -> int:
         "nodes": len(json.loads(subprocess.check_output(["kubectl", "get", "nodes", "-o", "json"]))["items"]),
         "images": vars(images),
         "prefetch_depth": args.prefetch_depth,
+        "helm_sets": args.helm_sets,
     }
     try:
         marks = sorted({m for m in (10, args.max_workers) if m <= args.max_workers})

@@ -35,8 +35,9 @@ from damops.protocol import StatusUpdate
 from damops.safejson import register_safe_jsonb
 
 log = logging.getLogger("damops.scheduler")
-# One line per finished run: turn it down with DAMOPS_LOG_LEVEL=WARNING.
-finished_log = logging.getLogger("damops.operations")
+# One line per finished run: turn it down with DAMOPS_LOG_LEVEL=WARNING
+# (the operator: --no-operation-log, Helm operator.operationLog).
+finished_log = logging.getLogger(logs.OPERATION_LOG)
 
 RELEASE_REASON = "released: its worker or scheduler stopped before it finished"
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)

@@ -26,6 +26,9 @@ from typing import Any
 
 from damops import tracing
 
+# The logger of the one line per finished operation run (damops.cycle).
+OPERATION_LOG = "damops.operations"
+
 # The fields a JSON line may carry beside time, level, logger and message.
 OPERATION_FIELDS = (
     "operation_id",

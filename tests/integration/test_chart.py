@@ -873,3 +873,12 @@ def test_worker_prefetch_value_reaches_the_operator_as_a_setting() -> None:
     pod = operator_pod(render("--set", "configuration.digitalAssetManagement.workerPrefetchDepth=6"))
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert Settings(WORKER_PREFETCH_DEPTH=env["WORKER_PREFETCH_DEPTH"]).worker_prefetch_depth == 6
+
+
+def test_operation_log_value_turns_the_operators_line_per_run_off() -> None:
+    pytest.importorskip("kopf", reason="damops.k8s needs the k8s extra (pip install -e '.[k8s]')")
+    from damops.k8s.main import build_parser
+
+    for sets, expected in (((), True), (("--set", "operator.operationLog=false"), False)):
+        args = operator_pod(render(*sets))["spec"]["containers"][0]["args"]
+        assert build_parser().parse_args(args).operation_log is expected

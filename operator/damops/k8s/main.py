@@ -2,6 +2,7 @@
 
     damops operator [--namespace NS ...] [--peering NAME | --standalone]
                     [--liveness URL] [--log-format plain|json|full] [--verbose]
+                    [--no-operation-log]
 
 With no ``--namespace`` it watches all namespaces (cluster-wide peering).
 Environment: DATABASE_URL and the timing variables (see damops.config),
@@ -16,6 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from damops.logs import OPERATION_LOG
 from damops.loop import event_loop
 
 LOG_FORMATS = ("plain", "full", "json")
@@ -49,8 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-format", choices=LOG_FORMATS, default=os.environ.get("DAMOPS_LOG_FORMAT", "plain"))
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--no-operation-log",
+        dest="operation_log",
+        action="store_false",
+        help="no log line per finished operation run (logger damops.operations); warnings still show",
+    )
     p.set_defaults(env_namespaces=env_ns)
     return p
+
+
+def set_log_levels(*, verbose: bool, operation_log: bool) -> None:
+    logging.getLogger("damops").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # NOTSET: the line per finished run follows "damops" unless turned off.
+    logging.getLogger(OPERATION_LOG).setLevel(logging.NOTSET if operation_log else logging.WARNING)
+    if not verbose:
+        # kopf logs every handled pod event at INFO; keep its per-object chatter to warnings
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,10 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.log_format
         ],
     )
-    logging.getLogger("damops").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if not args.verbose:
-        # kopf logs every handled pod event at INFO; keep its per-object chatter to warnings
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    set_log_levels(verbose=args.verbose, operation_log=args.operation_log)
     import damops.k8s.handlers  # noqa: F401 - registers the handlers
 
     namespaces = args.namespace or args.env_namespaces

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from pydantic import ValidationError
 
@@ -83,3 +85,22 @@ def test_pool_worker_prefetch_depth_overrides_the_operators_and_restarts_the_sch
     assert key(deeper) != key(pool_settings(base, WorkerPoolSpec())), "a changed depth restarts the scheduler"
     with pytest.raises(ValidationError):
         WorkerPoolSpec.model_validate({"workerPrefetchDepth": 0})
+
+
+def test_no_operation_log_drops_the_line_per_run_and_keeps_warnings() -> None:
+    from damops.k8s.main import build_parser, set_log_levels
+    from damops.logs import OPERATION_LOG
+
+    loggers = [logging.getLogger(name) for name in (OPERATION_LOG, "damops", "kopf.objects")]
+    operations, damops_log = loggers[0], loggers[1]
+    saved = [logger.level for logger in loggers]
+    try:
+        for argv, info_shown in (([], True), (["--no-operation-log"], False)):
+            args = build_parser().parse_args(argv)
+            set_log_levels(verbose=args.verbose, operation_log=args.operation_log)
+            assert operations.isEnabledFor(logging.INFO) is info_shown
+            assert operations.isEnabledFor(logging.WARNING)
+            assert damops_log.isEnabledFor(logging.INFO)  # the operator's other lines stay
+    finally:
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
