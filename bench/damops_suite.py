@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
 import time
 from typing import Any
 
@@ -63,32 +62,19 @@ def _produce_singles(conn: psycopg.Connection, pool: str, samples: int, pause: f
     return sent
 
 
-# An experiment, not how damops runs: children started with uvloop as their
-# event loop (see --uvloop in run.py), to size a proposed engine change.
-_UVLOOP_MAIN = "import sys, uvloop; uvloop.install(); from damops.cli import main; main(sys.argv[1:])"
-
-
 class ExperimentSupervisor(LocalSupervisor):
-    """LocalSupervisor whose children run on uvloop and/or with extra environment variables."""
+    """LocalSupervisor whose children get extra environment variables (``--child-env``)."""
 
-    uvloop = False
     extra_env: dict[str, str] = {}
-
-    def _command(self, *args: str) -> list[str]:
-        if self.uvloop:
-            return [sys.executable, "-c", _UVLOOP_MAIN, *args]
-        return super()._command(*args)
 
     def _env(self) -> dict[str, str]:
         return {**super()._env(), **self.extra_env}
 
 
-def supervisor_class(uvloop: bool, child_env: dict[str, str]) -> type[LocalSupervisor]:
-    if not uvloop and not child_env:
+def supervisor_class(child_env: dict[str, str]) -> type[LocalSupervisor]:
+    if not child_env:
         return LocalSupervisor
-    # uvloop children are started by command line (``_command``), not forked from the zygote.
-    attributes = {"uvloop": uvloop, "extra_env": dict(child_env), "fork": LocalSupervisor.fork and not uvloop}
-    return type("Supervisor", (ExperimentSupervisor,), attributes)
+    return type("Supervisor", (ExperimentSupervisor,), {"extra_env": dict(child_env)})
 
 
 class DamopsPool:
@@ -99,7 +85,6 @@ class DamopsPool:
         url: str,
         workers: int,
         pool: str,
-        uvloop: bool = False,
         child_env: dict[str, str] | None = None,
         prefetch: int = 0,
     ) -> None:
@@ -116,7 +101,7 @@ class DamopsPool:
             worker_prefetch_depth=max(prefetch, 1),
         )
         self.scheduler = Scheduler(self.settings, url, secret=self.secret)
-        self.supervisor = supervisor_class(uvloop, child_env or {})(self.scheduler, workers, self.secret)
+        self.supervisor = supervisor_class(child_env or {})(self.scheduler, workers, self.secret)
         self.housekeeper = Housekeeper(self.settings, url)
         self._housekeeping: asyncio.Task[None] | None = None
         self.preheat_seconds = 0.0
@@ -245,7 +230,6 @@ async def run_damops(
     latency_pause: float,
     poll_interval: float,
     run_tag: str,
-    uvloop: bool = False,
     child_env: dict[str, str] | None = None,
     prefetch_workers: list[int] | None = None,
     prefetch_depths: list[int] | None = None,
@@ -262,16 +246,15 @@ async def run_damops(
         configs += [(w, depth) for w in prefetch_workers or [] for depth in prefetch_depths or [1]]
         for workers, prefetch in configs:
             name = f"bench-{run_tag}-{workers}w" + (f"-prefetch{prefetch}" if prefetch else "")
-            pool = DamopsPool(url, workers, name, uvloop=uvloop, child_env=child_env, prefetch=prefetch)
+            pool = DamopsPool(url, workers, name, child_env=child_env, prefetch=prefetch)
             label = f"damops {workers:>2} workers" + prefetch_label(prefetch)
             entry: dict[str, Any] = {"system": "damops", "workers": workers, "prefetch": prefetch, "pool": pool.pool}
-            experiments = []
-            if uvloop:
-                experiments.append("uvloop: scheduler and sidecars on uvloop")
             if child_env:
-                experiments.append("children's environment: " + " ".join(f"{k}={v}" for k, v in child_env.items()))
-            if experiments:
-                entry["experiment"] = "; ".join(experiments) + " (not how damops runs by default)"
+                entry["experiment"] = (
+                    "children's environment: "
+                    + " ".join(f"{k}={v}" for k, v in child_env.items())
+                    + " (not how damops runs by default)"
+                )
             try:
                 entry["load_before"] = load()
                 await pool.start()

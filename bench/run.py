@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -117,9 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use this server instead of a fresh embedded one (databases are created in it)",
     )
     p.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="experiment: run damops' scheduler and sidecars on uvloop (peers keep the default loop)",
+        "--loop",
+        choices=("native", "asyncio"),
+        default="native",
+        help="native: each system on the event loop its own CLI runs on (damops and PGQueuer: uvloop where "
+        "installed; Procrastinate: asyncio's); asyncio: all on asyncio's default loop",
     )
     p.add_argument(
         "--child-env",
@@ -156,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.ops_by_workers = parse_ops(args.ops, args.worker_counts)
     args.peer_list = [] if args.peers == "none" else [x for x in args.peers.split(",") if x]
+    unknown = sorted(set(args.peer_list) - {"pgqueuer", "procrastinate"})
+    if unknown:
+        p.error(f"--peers: unknown peer {', '.join(unknown)} (pgqueuer, procrastinate or none)")
     args.prefetch_worker_counts = (
         [] if args.prefetch_workers == "none" else [int(w) for w in args.prefetch_workers.split(",") if w]
     )
@@ -206,7 +212,7 @@ def version(dist: str) -> str | None:
 async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[str, Any]]:
     from damops_suite import run_damops
 
-    print("damops" + (" (experiment: uvloop)" if args.uvloop else ""), flush=True)
+    print(f"damops (scheduler on {loop_name('damops', args.loop)})", flush=True)
     url = await asyncio.to_thread(create_database, admin_url, "bench_damops")
     return await run_damops(
         url,
@@ -217,7 +223,6 @@ async def damops_async(args: argparse.Namespace, admin_url: str) -> list[dict[st
         args.latency_pause_ms / 1000,
         args.poll_ms / 1000,
         run_tag=str(int(time.time())),
-        uvloop=args.uvloop,
         child_env=dict(kv.split("=", 1) for kv in args.child_env),
         prefetch_workers=args.prefetch_worker_counts,
         prefetch_depths=args.prefetch_depth_list,
@@ -243,44 +248,56 @@ async def utilisation_async(args: argparse.Namespace, admin_url: str) -> dict[st
     return out
 
 
-async def peers_async(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+async def peer_async(args: argparse.Namespace, admin_url: str, peer: str) -> list[dict[str, Any]]:
+    """One peer's entries (an entry with an error when it could not run)."""
     from peers import run_peer_safely, run_pgqueuer, run_procrastinate
 
     poll = args.poll_ms / 1000
-    pause = args.latency_pause_ms / 1000
-    report: dict[str, Any] = {"peers": []}
-
-    if "pgqueuer" in args.peer_list:
-        print("pgqueuer", flush=True)
-        try:
-            url = await asyncio.to_thread(create_database, admin_url, "bench_pgqueuer")
+    print(f"{peer} (on {loop_name(peer, args.loop)})", flush=True)
+    try:
+        url = await asyncio.to_thread(create_database, admin_url, f"bench_{peer}")
+        if peer == "pgqueuer":
             batch_sizes = [int(b) for b in args.pgqueuer_batch_sizes.split(",")]
-            report["peers"] += await run_peer_safely(
-                "pgqueuer",
-                run_pgqueuer(
-                    url,
-                    args.pgqueuer_drivers.split(","),
-                    batch_sizes,
-                    args.pgqueuer_ops,
-                    args.repeats,
-                    args.latency_samples,
-                    pause,
-                    poll,
-                ),
+            runs = run_pgqueuer(
+                url,
+                args.pgqueuer_drivers.split(","),
+                batch_sizes,
+                args.pgqueuer_ops,
+                args.repeats,
+                args.latency_samples,
+                args.latency_pause_ms / 1000,
+                poll,
             )
-        except Exception as exc:  # noqa: BLE001
-            report["peers"].append({"system": "pgqueuer", "error": f"could not run: {type(exc).__name__}: {exc}"})
-    if "procrastinate" in args.peer_list:
-        print("procrastinate", flush=True)
-        try:
-            url = await asyncio.to_thread(create_database, admin_url, "bench_procrastinate")
+        else:
             concurrencies = [int(c) for c in args.procrastinate_concurrency.split(",")]
-            report["peers"] += await run_peer_safely(
-                "procrastinate", run_procrastinate(url, concurrencies, args.procrastinate_ops, args.repeats, poll)
-            )
-        except Exception as exc:  # noqa: BLE001
-            report["peers"].append({"system": "procrastinate", "error": f"could not run: {type(exc).__name__}: {exc}"})
-    return report
+            runs = run_procrastinate(url, concurrencies, args.procrastinate_ops, args.repeats, poll)
+        return await run_peer_safely(peer, runs)
+    except Exception as exc:  # noqa: BLE001
+        return [{"system": peer, "error": f"could not run: {type(exc).__name__}: {exc}"}]
+
+
+# The event loop each system's own CLI runs on: `damops run` (damops.loop) and
+# `pgq run` take uvloop where it is installed; Procrastinate's worker asyncio's.
+NATIVE_LOOPS = {"damops": "uvloop", "pgqueuer": "uvloop", "procrastinate": "asyncio"}
+
+
+def loop_name(system: str, choice: str) -> str:
+    wanted = NATIVE_LOOPS[system] if choice == "native" else "asyncio"
+    if wanted == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        return "asyncio"
+    return wanted
+
+
+def loop_runner(system: str, choice: str) -> asyncio.Runner:
+    if loop_name(system, choice) == "asyncio":
+        return asyncio.Runner()
+    if system == "damops":
+        from damops.loop import runner
+
+        return runner()  # the one `damops run` uses
+    import uvloop
+
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
 def figures(entry: dict[str, Any]) -> dict[str, Any]:
@@ -532,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             "pgqueuer_drivers": args.pgqueuer_drivers,
             "procrastinate_ops": args.procrastinate_ops,
             "procrastinate_concurrency": args.procrastinate_concurrency,
-            "uvloop": args.uvloop,
+            "loop": args.loop,
+            "event_loops": {system: loop_name(system, args.loop) for system in NATIVE_LOOPS},
             "child_env": args.child_env,
         },
         "machine": machine(),
@@ -562,11 +580,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{report['machine']['cpus']} CPUs; {report['load_start']['uptime']}",
             flush=True,
         )
-        loop_factory = None
-        if args.uvloop:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
         rounds: list[dict[str, Any]] = []
         try:
             for number in range(1, args.rounds + 1):
@@ -574,11 +587,14 @@ def main(argv: list[str] | None = None) -> int:
                 this: dict[str, Any] = {"round": number, "load_before": load()}
 
                 def run_damops() -> None:
-                    with asyncio.Runner(loop_factory=loop_factory) as runner:
+                    with loop_runner("damops", args.loop) as runner:
                         this["damops"] = runner.run(damops_async(args, admin_url))
 
                 def run_peers() -> None:
-                    this.update(asyncio.run(peers_async(args, admin_url)))
+                    this["peers"] = []
+                    for peer in args.peer_list:
+                        with loop_runner(peer, args.loop) as runner:
+                            this["peers"] += runner.run(peer_async(args, admin_url, peer))
 
                 # Alternate the order so a drift in the machine's load favours neither side.
                 for step in (run_damops, run_peers) if number % 2 else (run_peers, run_damops):
@@ -586,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append(this)
             if args.util_workers or args.startup_samples:
                 # Once, after the rounds: start-up and operations that take time.
-                with asyncio.Runner(loop_factory=loop_factory) as runner:
+                with loop_runner("damops", args.loop) as runner:
                     report.update(runner.run(utilisation_async(args, admin_url)))
         finally:
             if not args.database_url:

@@ -16,16 +16,17 @@ T = TypeVar("T")
 def event_loop() -> Iterator[asyncio.AbstractEventLoop]:
     """A new event loop (uvloop's where installed), closed on the way out: for
     code that runs its loop itself, as ``kopf.run(loop=...)`` does."""
-    with _runner() as runner:
-        yield runner.get_loop()
+    with runner() as loop_runner:
+        yield loop_runner.get_loop()
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    with _runner() as runner:
-        return runner.run(main)
+    with runner() as loop_runner:
+        return loop_runner.run(main)
 
 
-def _runner() -> asyncio.Runner:
+def runner() -> asyncio.Runner:
+    """An asyncio.Runner on the loop every damops process uses."""
     try:
         import uvloop
     except ImportError:

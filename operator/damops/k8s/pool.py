@@ -37,6 +37,7 @@ from damops.k8s.pods import (
     with_worker_states,
 )
 from damops.k8s.poolconfig import SchedulerConfig, pool_settings
+from damops.k8s.queue_depth import QueueDepth
 from damops.k8s.reconcile import Action, ActionKind, PodInfo, Reason, plan, sync_scheduler
 from damops.k8s.specs import (
     ANNOTATION_DELETION_COST,
@@ -52,7 +53,6 @@ from damops.k8s.specs import (
     template_hash,
 )
 from damops.k8s.status import Observation, comparable, pool_status
-from damops.operations import count_queued
 from damops.scheduler import Scheduler
 
 log = logging.getLogger("damops.operator")
@@ -124,6 +124,7 @@ class PoolRuntime:
         self.last_status: dict[str, Any] | None = None
         self.queued = 0
         self.queued_checked_at = 0.0
+        self.queue_depth = QueueDepth()
         self.stats_seen: dict[str, float] = {}
         # the autoscaler: its desired replicas (None: not decided yet), windows' history, last decision
         self.scaled: int | None = None
@@ -369,13 +370,7 @@ class PoolRuntime:
     async def _queued(self, pool: str) -> int:
         if self.db_url is None or time.monotonic() - self.queued_checked_at < QUEUED_INTERVAL:
             return self.queued
-        url = self.db_url
-
-        def query() -> int:
-            with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-                return count_queued(conn, pool)
-
-        self.queued = await asyncio.to_thread(query)
+        self.queued = await self.queue_depth.read(self.db_url, pool)
         self.queued_checked_at = time.monotonic()
         return self.queued
 
@@ -406,6 +401,7 @@ class PoolRuntime:
             for n, result in zip(names, results):
                 if isinstance(result, Exception):
                     log.warning("could not delete pod %s/%s of the deleted pool: %s", self.namespace, n, result)
+        await self.queue_depth.close()
         if self.db_url is not None:
             self.op.housekeepers.release(self.db_url)
             self.db_url = None
