@@ -46,7 +46,7 @@ def backoff_delay(attempt: int, policy: RetryPolicy = DEFAULT_POLICY, rng: rando
     # Jitter spreads the retries of a batch that failed together (the same outage).
     spread = delay * policy.jitter
     delay += (rng or random).uniform(-spread, spread)
-    return max(0.0, min(policy.max, delay))
+    return float(max(0.0, min(policy.max, delay)))  # a float even for a policy given in ints
 
 
 def retry_delay(attempt: int, asked: float | None, policy: RetryPolicy = DEFAULT_POLICY) -> float:

@@ -17,6 +17,9 @@ from psycopg.types.json import Jsonb
 from damops.backoff import DEFAULT_POLICY, RetryPolicy, retry_delay
 from damops.dispatch import Completion, Lease
 
+# Array parameters are sent in binary (%(name)b): psycopg's text array dumper
+# quotes and escapes element by element, ~2x the scheduler's cost per cycle.
+
 # Bounds on what one attempt may leave in the database.
 MAX_TRACEBACK_CHARS = 16_000
 MAX_ERROR_CHARS = 8_000
@@ -56,7 +59,7 @@ FROM (
         LIMIT %(limit)s
     ) AS locked
 ) AS claimed
-JOIN unnest(%(free_workers)s::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
+JOIN unnest(%(free_workers)b::text[]) WITH ORDINALITY AS w(name, slot) USING (slot)
 WHERE o.id = claimed.id
 RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_context
 """
@@ -70,9 +73,9 @@ RETURNING o.id, o.trigger_function, o.inputs, o.attempts, o.worker, o.trace_cont
 # - WAIT gives the attempt back (waiting is not failing).
 _COMPLETE_CTES = """
 u AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[], %(outcomes)s::text[],
-                         %(results)s::jsonb[], %(errors)s::text[], %(retryables)s::bool[],
-                         %(delays)s::float8[], %(tracebacks)s::text[])
+    SELECT * FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(workers)b::text[], %(outcomes)b::text[],
+                         %(results)b::jsonb[], %(errors)b::text[], %(retryables)b::bool[],
+                         %(delays)b::float8[], %(tracebacks)b::text[])
         AS u(id, attempt, worker, outcome, result, error, retryable, delay, traceback)
 ), decided AS (
     SELECT o.id, u.attempt, u.worker, u.outcome, u.result, u.error, u.retryable, u.delay, u.traceback,
@@ -135,7 +138,7 @@ UPDATE damops.operations AS o
 SET updated = now(),
     progress_message = coalesce(u.message, o.progress_message),
     progress_fraction = coalesce(u.fraction, o.progress_fraction)
-FROM unnest(%(ids)s::bigint[], %(messages)s::text[], %(fractions)s::float8[]) AS u(id, message, fraction)
+FROM unnest(%(ids)b::bigint[], %(messages)b::text[], %(fractions)b::float8[]) AS u(id, message, fraction)
 WHERE o.id = u.id AND o.status = 'PROCESSING'
 """
 
@@ -144,8 +147,8 @@ WHERE o.id = u.id AND o.status = 'PROCESSING'
 # from that claim (minus those whose StatusUpdate is still to be written).
 RESOLVE_CLAIMS_SQL = """
 SELECT id, trigger_function, inputs, attempts, worker, trace_context FROM damops.operations
-WHERE status = 'PROCESSING' AND pool = %(pool)s AND worker = ANY(%(workers)s::text[])
-  AND NOT id = ANY(%(settled)s::bigint[])
+WHERE status = 'PROCESSING' AND pool = %(pool)s AND worker = ANY(%(workers)b::text[])
+  AND NOT id = ANY(%(settled)b::bigint[])
 """
 
 # Operations left PROCESSING by workers of a local run that died (their
@@ -164,7 +167,7 @@ SET status = CASE WHEN o.cancel_requested IS NOT NULL THEN 'CANCELLED' ELSE 'NEW
     finished = CASE WHEN o.cancel_requested IS NOT NULL THEN now() END,
     worker = NULL, updated = now(),
     error = CASE WHEN o.cancel_requested IS NOT NULL THEN 'cancelled: ' || %(reason)s ELSE %(reason)s END
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(workers)s::text[]) AS u(id, attempt, worker)
+FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(workers)b::text[]) AS u(id, attempt, worker)
 WHERE o.id = u.id AND o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
 RETURNING o.id
 """

@@ -111,7 +111,7 @@ def test_claim_is_an_index_scan_on_the_claimable_rows(conn):
             + store.CLAIM_SQL.replace("%(pool)s", "'default'")
             .replace("%(wait_interval)s", "30")
             .replace("%(limit)s", "4")
-            .replace("%(free_workers)s", "ARRAY['a','b','c','d']")
+            .replace("%(free_workers)b", "ARRAY['a','b','c','d']")
         )
     )
     assert "operations_claimable_idx" in plan, plan

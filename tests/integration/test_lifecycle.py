@@ -68,6 +68,23 @@ def test_a_trigger_functions_own_delay_wins_over_the_policy():
 # --- COMPLETE_SQL: backoff, history, MAX_ATTEMPTS -------------------------------
 
 
+def test_one_cycle_writes_failures_whose_delays_come_from_a_policy_given_in_ints(conn):
+    # The arrays travel in binary, where psycopg refuses a list mixing int and float.
+    ops = [enqueue(conn, "noop") for _ in range(2)]
+    conn.execute("UPDATE damops.operations SET attempts = 3, max_attempts = 10 WHERE id = ANY(%s)", (ops,))
+    claimed = claim(conn, workers=("w1", "w2"))
+    policy = RetryPolicy(base=1, max=5, jitter=0)  # attempt 4: min(5, 1 * 2**3) is the int cap
+    updates = [
+        StatusUpdate.failure(claimed[0].id, claimed[0].attempt, "E1"),
+        StatusUpdate.failure(claimed[1].id, claimed[1].attempt, "E2", retry_after=2.5),
+    ]
+    params = store.complete_params([store.Completion(u, c.worker) for u, c in zip(updates, claimed)], policy=policy)
+    assert all(type(delay) is float for delay in params["delays"])
+    done = store.completed_rows(conn.execute(store.COMPLETE_SQL, params).fetchall())
+    assert sorted((d.id, d.status) for d in done) == [(ops[0], "NEW"), (ops[1], "NEW")]
+    assert backoff_delay(10, policy) == 5.0 and type(backoff_delay(10, policy)) is float
+
+
 def test_retryable_failure_goes_back_with_a_not_before_time_and_is_not_claimed_early(conn):
     op_id = enqueue(conn, "noop")
     [first] = claim(conn)
@@ -195,7 +212,7 @@ def test_claim_stays_an_index_scan_with_many_operations_scheduled_for_later(conn
         store.CLAIM_SQL.replace("%(pool)s", "'default'")
         .replace("%(wait_interval)s", "30")
         .replace("%(limit)s", "4")
-        .replace("%(free_workers)s", "ARRAY['a','b','c','d']")
+        .replace("%(free_workers)b", "ARRAY['a','b','c','d']")
     )
     # EXPLAIN ANALYZE runs the claim: it really takes the 4 ready operations.
     plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql))
