@@ -176,12 +176,13 @@ def enqueue(
 
 
 # trace_context: the producer's span (damops.tracing), one for the whole call.
+# The arrays travel in binary (as in damops.store): cheaper to dump and to parse.
 INSERT_SQL = """
 INSERT INTO damops.operations
     (trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key, trace_context)
 SELECT trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key, %(trace_context)s::jsonb
-FROM unnest(%(trigger_functions)s::text[], %(inputs)s::jsonb[], %(pools)s::text[], %(priorities)s::int[],
-            %(max_attempts)s::int[], %(run_afters)s::timestamptz[], %(unique_keys)s::text[])
+FROM unnest(%(trigger_functions)b::text[], %(inputs)b::jsonb[], %(pools)b::text[], %(priorities)b::int[],
+            %(max_attempts)b::int[], %(run_afters)b::timestamptz[], %(unique_keys)b::text[])
      WITH ORDINALITY AS u(trigger_function, inputs, pool, priority, max_attempts, run_after, unique_key, n)
 ORDER BY n
 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND status IN ('NEW', 'WAIT', 'PROCESSING') DO NOTHING
@@ -192,7 +193,7 @@ RETURNING id, unique_key
 # so (READ COMMITTED) it sees the concurrent producer's committed row.
 EXISTING_KEYS_SQL = """
 SELECT unique_key, id FROM damops.operations
-WHERE unique_key = ANY(%(keys)s::text[]) AND status IN ('NEW', 'WAIT', 'PROCESSING')
+WHERE unique_key = ANY(%(keys)b::text[]) AND status IN ('NEW', 'WAIT', 'PROCESSING')
 """
 
 
