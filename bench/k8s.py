@@ -158,6 +158,13 @@ def idle_api_rate(ns: Namespace, seconds: float, settle: float = 20) -> float:
     return round((req1 - req0) / seconds * 60, 1)
 
 
+def helm_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--max-workers", type=int, default=50, help="workers of the start-up figure")
@@ -176,6 +183,7 @@ def main() -> int:
         dest="helm_sets",
         action="append",
         default=[],
+        type=helm_value,
         metavar="KEY=VALUE",
         help="a Helm value of the operator's release (repeatable), e.g. operator.operationLog=false",
     )
@@ -190,7 +198,7 @@ def main() -> int:
         release,
         pod_db_url,
         images,
-        sets={"operator.resources.requests.cpu": "50m", **dict(kv.split("=", 1) for kv in args.helm_sets)},
+        sets={"operator.resources.requests.cpu": "50m", **dict(args.helm_sets)},
     )
     if proc.returncode != 0:
         sys.exit(f"helm install failed: {proc.stderr.strip()[:2000]}")
@@ -203,7 +211,7 @@ def main() -> int:
         "nodes": len(json.loads(subprocess.check_output(["kubectl", "get", "nodes", "-o", "json"]))["items"]),
         "images": vars(images),
         "prefetch_depth": args.prefetch_depth,
-        "helm_sets": args.helm_sets,
+        "helm_sets": [f"{k}={v}" for k, v in args.helm_sets],
     }
     try:
         marks = sorted({m for m in (10, args.max_workers) if m <= args.max_workers})
