@@ -18,7 +18,8 @@ from damops.backoff import DEFAULT_POLICY, RetryPolicy, retry_delay
 from damops.dispatch import Completion, Lease
 
 # Array parameters are sent in binary (%(name)b): psycopg's text array dumper
-# quotes and escapes element by element, ~2x the scheduler's cost per cycle.
+# quotes and escapes element by element, 2-3x the cost of dumping a cycle's
+# parameters. Binary arrays refuse lists that mix int and float.
 
 # Bounds on what one attempt may leave in the database.
 MAX_TRACEBACK_CHARS = 16_000
