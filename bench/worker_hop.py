@@ -3,7 +3,11 @@ all of its threads counted, against a minimal sidecar in this process (a Unix
 socket, ping-pong: one Operation, its StatusUpdate, the next). Isolates the
 worker's own cost from the scheduler, the sidecar and PostgreSQL.
 
-    .venv/bin/python bench/worker_hop.py [--ops 20000]
+With ``--ahead N`` it keeps N more operations prefetched in the worker's socket
+(as WORKER_PREFETCH_DEPTH=N does): the worker then seldom sleeps between two
+operations, and the figure is its cost per operation when busy.
+
+    .venv/bin/python bench/worker_hop.py [--ops 20000] [--ahead 8]
 """
 
 from __future__ import annotations
@@ -41,9 +45,22 @@ def read_message(conn: socket.socket) -> protocol.Message:
     return protocol.decode(conn.recv(length, socket.MSG_WAITALL))
 
 
+def run_all(conn: socket.socket, frames: list[bytes], ahead: int) -> None:
+    """Send every frame, keeping at most 1 + ``ahead`` without their StatusUpdate;
+    returns once all are answered."""
+    sent = answered = 0
+    while answered < len(frames):
+        while sent < len(frames) and sent - answered <= ahead:
+            conn.sendall(frames[sent])
+            sent += 1
+        if isinstance(read_message(conn), StatusUpdate):
+            answered += 1
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", type=int, default=20000)
+    p.add_argument("--ahead", type=int, default=0, help="operations kept prefetched behind the running one")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "w.sock")
@@ -58,23 +75,19 @@ def main() -> None:
         read_message(conn)  # Hello
         assert isinstance(read_message(conn), Ready)
         frames = [
-            protocol.encode(Operation(id=i, trigger_function="noop", inputs={}, attempt=1)) for i in range(args.ops)
+            protocol.encode(Operation(id=i, trigger_function="noop", inputs={}, attempt=1, prefetched=args.ahead > 0))
+            for i in range(args.ops)
         ]
-        for frame in frames[:200]:  # warm-up
-            conn.sendall(frame)
-            while not isinstance(read_message(conn), StatusUpdate):
-                pass
+        warm_up, measured = frames[:200], frames[200:]
+        run_all(conn, warm_up, args.ahead)
         cpu0, cs0 = thread_totals(worker.pid)
         started = time.perf_counter()
-        for frame in frames[200:]:
-            conn.sendall(frame)
-            while not isinstance(read_message(conn), StatusUpdate):
-                pass
+        run_all(conn, measured, args.ahead)
         wall = time.perf_counter() - started
         cpu1, cs1 = thread_totals(worker.pid)
-        n = args.ops - 200
+        n = len(measured)
         print(
-            f"worker: {(cpu1 - cpu0) / n * 1e6:.1f} us CPU/op, {(cs1 - cs0) / n:.2f} context switches/op "
+            f"worker (ahead {args.ahead}): {(cpu1 - cpu0) / n * 1e6:.1f} us CPU/op, {(cs1 - cs0) / n:.2f} context switches/op "
             f"(all threads), round trip {wall / n * 1e6:.1f} us/op; load {os.getloadavg()[0]:.1f}"
         )
         worker.kill()
