@@ -85,11 +85,12 @@ class SidecarChannels:
             delay = min(delay * 2, 2.0)
 
     async def _read(self, name: str, channel: protocol.Channel) -> None:
+        def on_frame(message: protocol.Message, frame: bytes) -> None:
+            if not isinstance(message, protocol.Heartbeat):
+                self.events.on_message(name, message)
+
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
         try:
-            while True:
-                message = await channel.receive(timeout=None)
-                if not isinstance(message, protocol.Heartbeat):
-                    self.events.on_message(name, message)
+            await channel.dispatch(on_frame)  # ends by raising: the channel dropped
         finally:
             beat.cancel()

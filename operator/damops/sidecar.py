@@ -141,25 +141,7 @@ class Sidecar:
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
         reason = "worker disconnected"
         try:
-            while True:
-                message, frame = await channel.receive_frame(timeout=None)
-                if isinstance(message, StatusUpdate):
-                    if self.assignment and self.assignment.id == message.id:
-                        # The worker starts the next held one (if any) right after this StatusUpdate.
-                        self.assignment = self.held.pop(0) if self.held else None
-                    else:
-                        withdrawn = next((op for op in self.held if op.id == message.id), None)
-                        if withdrawn is not None:
-                            self.held.remove(withdrawn)  # the worker handed it back unrun
-                    self._deliver(message, frame)
-                elif isinstance(message, Progress):
-                    if self.scheduler is not None:
-                        self.scheduler.send_frame_nowait(frame)
-                elif isinstance(message, Ready):
-                    self.worker_ready = message
-                    self._to_scheduler(Ready(worker=self.name, pid=message.pid))
-                elif not isinstance(message, Heartbeat):
-                    raise ProtocolError(f"unexpected {message.type} from the worker")
+            await channel.dispatch(self._from_worker)  # ends by raising: the connection ended
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             reason = f"worker connection dropped: {exc or type(exc).__name__}"
             # Expected when both were told to stop, or when an idle worker closed its end
@@ -184,6 +166,25 @@ class Sidecar:
                 )
             self._hand_back("its worker went away before it started")
             self._exit_when_idle()
+
+    def _from_worker(self, message: protocol.Message, frame: bytes) -> None:
+        if isinstance(message, StatusUpdate):
+            if self.assignment and self.assignment.id == message.id:
+                # The worker starts the next held one (if any) right after this StatusUpdate.
+                self.assignment = self.held.pop(0) if self.held else None
+            else:
+                withdrawn = next((op for op in self.held if op.id == message.id), None)
+                if withdrawn is not None:
+                    self.held.remove(withdrawn)  # the worker handed it back unrun
+            self._deliver(message, frame)
+        elif isinstance(message, Progress):
+            if self.scheduler is not None:
+                self.scheduler.send_frame_nowait(frame)
+        elif isinstance(message, Ready):
+            self.worker_ready = message
+            self._to_scheduler(Ready(worker=self.name, pid=message.pid))
+        elif not isinstance(message, Heartbeat):
+            raise ProtocolError(f"unexpected {message.type} from the worker")
 
     def _about(self, op: Operation | None) -> dict[str, object]:
         """Log fields of the operation a line is about (none when idle)."""
@@ -225,25 +226,7 @@ class Sidecar:
             channel.send_nowait(Ready(worker=self.name, pid=self.worker_ready.pid))
         beat = asyncio.create_task(protocol.heartbeat_loop(channel))
         try:
-            while True:
-                message, frame = await channel.receive_frame(timeout=None)
-                if isinstance(message, Operation):
-                    self._assign(message, frame)
-                elif isinstance(message, Cancel):
-                    running = self.assignment
-                    if running and (running.id, running.attempt) == (message.id, message.attempt) and self.worker:
-                        self.worker.send_frame_nowait(frame)
-                elif isinstance(message, Withdraw):
-                    for op in self.held:
-                        if (op.id, op.attempt) == (message.id, message.attempt):
-                            self._withdraw(op, "withdrawn by the scheduler")
-                elif isinstance(message, Shutdown):
-                    if self.worker is not None:
-                        self.worker.send_nowait(message)
-                    self.stopped.set()
-                    return
-                elif not isinstance(message, Heartbeat):
-                    raise ProtocolError(f"unexpected {message.type} from the scheduler")
+            await channel.dispatch(self._from_scheduler)
         except asyncio.IncompleteReadError:
             log.info("scheduler %s disconnected", channel.peer)
         except (ProtocolError, ConnectionError) as exc:
@@ -254,6 +237,27 @@ class Sidecar:
                 self.scheduler = None
                 self._withdraw_held("its scheduler's channel dropped")  # the answer is kept for the next one
             await channel.close()
+
+    def _from_scheduler(self, message: protocol.Message, frame: bytes) -> bool:
+        """One frame from the scheduler; True (a Shutdown) ends the channel."""
+        if isinstance(message, Operation):
+            self._assign(message, frame)
+        elif isinstance(message, Cancel):
+            running = self.assignment
+            if running and (running.id, running.attempt) == (message.id, message.attempt) and self.worker:
+                self.worker.send_frame_nowait(frame)
+        elif isinstance(message, Withdraw):
+            for op in self.held:
+                if (op.id, op.attempt) == (message.id, message.attempt):
+                    self._withdraw(op, "withdrawn by the scheduler")
+        elif isinstance(message, Shutdown):
+            if self.worker is not None:
+                self.worker.send_nowait(message)
+            self.stopped.set()
+            return True
+        elif not isinstance(message, Heartbeat):
+            raise ProtocolError(f"unexpected {message.type} from the scheduler")
+        return False
 
     def _assign(self, op: Operation, frame: bytes) -> None:
         ready = self.worker is not None and self.worker_ready is not None and not self.terminating

@@ -154,3 +154,115 @@ def test_a_silent_peer_is_dropped_by_the_heartbeat_watchdog(tmp_path):
         sidecar.stop()
     assert silent_for >= protocol.HEARTBEAT_TIMEOUT
     assert "peer silent" in dropped
+
+
+# --- Channel.dispatch: frames handed over from the transport's callback ----------
+
+
+def _run_on(loop_name, coroutine):
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+        return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+async def _dispatching(peer_writes, handler=None):
+    """A real TCP pair: the listening side dispatches after one received frame (as a
+    handshake would leave it); ``peer_writes`` gets the connecting side's socket
+    writer. Returns (frames dispatched, what dispatch raised or None)."""
+    seen: list[protocol.Message] = []
+    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def record(message, frame):
+        assert protocol.decode(frame[protocol.HEADER_BYTES :]) == message  # the raw frame travels along
+        seen.append(message)
+        return handler(message) if handler else None
+
+    async def serve(reader, writer):
+        channel = protocol.Channel(reader, writer)
+        first = await channel.receive()
+        seen.append(first)
+        try:
+            await channel.dispatch(record)
+            outcome.set_result(None)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            outcome.set_result(exc)
+        await channel.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    await peer_writes(writer)
+    raised = await asyncio.wait_for(outcome, 30)
+    writer.close()
+    server.close()
+    return seen, raised
+
+
+def _status(i):
+    return protocol.StatusUpdate(id=i, attempt=1, outcome="success", result={"i": i})
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_dispatch_hands_over_frames_in_order_whole_and_split_and_those_left_behind_the_handshake(loop_name):
+    updates = [_status(i) for i in range(1, 8)]
+
+    async def peer(writer):
+        # The first frame and two more in one write: dispatch starts with two buffered.
+        writer.write(b"".join(protocol.encode(u) for u in updates[:3]))
+        await writer.drain()
+        split = b"".join(protocol.encode(u) for u in updates[3:])
+        for index in range(0, len(split), 5):  # the rest arrives a few bytes at a time
+            writer.write(split[index : index + 5])
+            await writer.drain()
+        writer.write_eof()
+
+    seen, raised = _run_on(loop_name, _dispatching(peer))
+    assert seen == updates
+    # The end of the stream between two frames, as a receive reports it (the sidecar logs it quietly).
+    assert isinstance(raised, asyncio.IncompleteReadError)
+    assert raised.partial == b"" and raised.expected == protocol.HEADER_BYTES
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_dispatch_raises_on_a_cut_frame_a_bad_frame_and_the_handlers_own_error(loop_name):
+    async def cut(writer):
+        writer.write(protocol.encode(_status(1)) + protocol.encode(_status(2))[:9])
+        writer.write_eof()
+
+    seen, raised = _run_on(loop_name, _dispatching(cut))
+    assert seen == [_status(1)]
+    assert isinstance(raised, asyncio.IncompleteReadError) and len(raised.partial) == 9
+
+    async def garbage(writer):
+        writer.write(protocol.encode(_status(1)) + protocol.encode(_status(2)) + struct.pack(">I", 9) + b"not json!")
+
+    seen, raised = _run_on(loop_name, _dispatching(garbage))
+    assert seen == [_status(1), _status(2)]
+    assert isinstance(raised, protocol.ProtocolError) and "malformed message" in str(raised)
+
+    async def oversized(writer):
+        writer.write(protocol.encode(_status(1)) + struct.pack(">I", protocol.DEFAULT_MAX_FRAME_BYTES + 1))
+
+    _, raised = _run_on(loop_name, _dispatching(oversized))
+    assert isinstance(raised, protocol.ProtocolError) and "exceeds the maximum" in str(raised)
+
+    def refuse_the_second(message):
+        if message.id == 3:
+            raise protocol.ProtocolError("unexpected status")
+
+    async def three(writer):
+        writer.write(b"".join(protocol.encode(_status(i)) for i in (1, 2, 3, 4)))
+
+    seen, raised = _run_on(loop_name, _dispatching(three, refuse_the_second))
+    assert [m.id for m in seen] == [1, 2, 3]  # nothing after the frame its handler refused
+    assert str(raised) == "unexpected status"
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_dispatch_ends_normally_when_the_handler_says_so(loop_name):
+    async def peer(writer):
+        writer.write(b"".join(protocol.encode(m) for m in (_status(1), _status(2), protocol.Shutdown(), _status(3))))
+
+    seen, raised = _run_on(loop_name, _dispatching(peer, lambda m: isinstance(m, protocol.Shutdown)))
+    assert raised is None
+    assert seen == [_status(1), _status(2), protocol.Shutdown()]
