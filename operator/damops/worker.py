@@ -100,9 +100,12 @@ class BlockingChannel:
                 poller.poll(timeout * 1000)
             while not self._eof:
                 try:
-                    self._read(self.sock.recv(_READ_BYTES, socket.MSG_DONTWAIT))
+                    data = self.sock.recv(_READ_BYTES, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     break
+                self._read(data)
+                if len(data) < _READ_BYTES:
+                    break  # the socket was empty after this read: asking again would only say so
             while self._failure is None:
                 try:
                     message = self._next_buffered()
