@@ -310,6 +310,8 @@ class Channel:
         self.last_seen = time.monotonic()
         self.silent_reason: str | None = None
         self._outgoing: list[bytes] | None = None  # frames of this turn of the loop, not yet written
+        # Kept: asyncio.get_running_loop() makes a getpid() system call each time (fork check).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(self, message: _Message) -> None:
         self.send_nowait(message)
@@ -324,7 +326,9 @@ class Channel:
         """Queue a frame already encoded (and size-checked), e.g. one relayed from its sender."""
         if self._outgoing is None:
             self._outgoing = [frame]
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
         else:
             self._outgoing.append(frame)
 
