@@ -367,7 +367,7 @@ class Channel:
         until the handler returns True or the connection ends; then raise as
         :meth:`receive_frame` would (EOF, a bad frame, a silent peer) or with what the
         handler raised. The frames are parsed in the transport's own callback: no
-        task is woken per frame (about a quarter of a relayed frame's CPU). Call it
+        task is woken per frame (a quarter to a third of a relayed frame's CPU). Call it
         once, after the handshake; :meth:`receive` is not used afterwards."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         reader, transport = self.reader, typing.cast(asyncio.Transport, self.writer.transport)
@@ -474,7 +474,7 @@ class _FrameDispatcher(asyncio.Protocol):
             del buffer[:start]
 
     def eof_received(self) -> bool:
-        partial = bytes(self._buffer)  # as readexactly reports it: what came of the frame it waited for
+        partial = bytes(self._buffer)  # the frame cut short, its header included
         header = partial[:HEADER_BYTES]
         expected = HEADER_BYTES if len(header) < HEADER_BYTES else HEADER_BYTES + _HEADER.unpack(header)[0]
         self.finish(asyncio.IncompleteReadError(partial, expected))
