@@ -342,17 +342,13 @@ class Channel:
         return (await self.receive_frame(timeout))[0]
 
     async def receive_frame(self, timeout: float | None = HEARTBEAT_TIMEOUT) -> tuple[Message, bytes]:
-        """The next message and its raw frame.
-
-        With ``timeout=None`` no timer is armed per message (the hot path);
-        :func:`heartbeat_loop` then closes a channel whose peer fell silent,
-        and the read fails with that reason."""
+        """The next message and its raw frame (the handshake, a Welcome): a channel's
+        steady stream of frames goes through :meth:`dispatch`. With ``timeout=None``
+        it waits as long as it takes; a :func:`heartbeat_loop` closing the channel
+        meanwhile fails the read with its reason."""
         try:
-            if timeout is None:
+            async with asyncio.timeout(timeout):
                 received = await read_frame(self.reader, self.max_frame_bytes)
-            else:
-                async with asyncio.timeout(timeout):
-                    received = await read_frame(self.reader, self.max_frame_bytes)
         except TimeoutError:
             raise ProtocolError(f"peer silent for {timeout:.0f}s (no heartbeat)") from None
         except (asyncio.IncompleteReadError, ConnectionError):
