@@ -20,6 +20,14 @@ from damops.dispatch import Completion, Lease
 # Array parameters are sent in binary (%(name)b): psycopg's text array dumper
 # quotes and escapes element by element, 2-3x the cost of dumping a cycle's
 # parameters. Binary arrays refuse lists that mix int and float.
+#
+# The scheduler runs these statements as generic plans (see cycle.py), planned
+# once for any parameters. A statement that looks rows up by id and then checks
+# they are still PROCESSING writes that check as `o.status || '' = 'PROCESSING'`:
+# written plainly, it lets the planner read operations_processing_idx instead,
+# whose statistics (taken when few rows were PROCESSING) make it look like one
+# row, and with hundreds PROCESSING the generic plan scanned them all once per
+# StatusUpdate. The `|| ''` leaves only the primary key to look the ids up.
 
 # Bounds on what one attempt may leave in the database.
 MAX_TRACEBACK_CHARS = 16_000
@@ -88,7 +96,7 @@ u AS (
                ELSE 'FAILED'
            END AS status
     FROM damops.operations AS o JOIN u ON o.id = u.id
-    WHERE o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
+    WHERE o.status || '' = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
     ORDER BY o.id  -- rows locked in id order, as cancel does: no deadlock between the two
     FOR UPDATE OF o
 ), done AS (
@@ -140,7 +148,7 @@ SET updated = now(),
     progress_message = coalesce(u.message, o.progress_message),
     progress_fraction = coalesce(u.fraction, o.progress_fraction)
 FROM unnest(%(ids)b::bigint[], %(messages)b::text[], %(fractions)b::float8[]) AS u(id, message, fraction)
-WHERE o.id = u.id AND o.status = 'PROCESSING'
+WHERE o.id = u.id AND o.status || '' = 'PROCESSING'
 """
 
 # After a connection error in a cycle the claim may or may not have committed:
@@ -169,7 +177,7 @@ SET status = CASE WHEN o.cancel_requested IS NOT NULL THEN 'CANCELLED' ELSE 'NEW
     worker = NULL, updated = now(),
     error = CASE WHEN o.cancel_requested IS NOT NULL THEN 'cancelled: ' || %(reason)s ELSE %(reason)s END
 FROM unnest(%(ids)b::bigint[], %(attempts)b::int[], %(workers)b::text[]) AS u(id, attempt, worker)
-WHERE o.id = u.id AND o.status = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
+WHERE o.id = u.id AND o.status || '' = 'PROCESSING' AND o.attempts = u.attempt AND o.worker = u.worker
 RETURNING o.id
 """
 
