@@ -7,7 +7,8 @@ scheduler's claim statement (CLAIM_SQL for 16 workers, rolled back so every
 sample sees the same rows) with 1,000 ready operations, then again after
 ``--scheduled`` operations were scheduled an hour ahead. Prints the median and
 p99 of both, their ratio, and the claim's plan (it must read only index
-ranges). A figure, not a test: `make test` does not run it.
+ranges). The claim runs prepared, as a generic plan, as the scheduler runs it.
+A figure, not a test: `make test` does not run it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="damops-bench-") as home:
         url = create_database(start_embedded_postgres(home), "bench_claim")
         migrate(url)
-        with psycopg.connect(url, autocommit=True) as conn:
+        with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
+            conn.execute("SET plan_cache_mode = force_generic_plan")  # as the scheduler's connection (cycle.py)
             conn.execute(
                 "INSERT INTO damops.operations (trigger_function, inputs) SELECT 'noop', '{}' FROM generate_series(1, 1000)"
             )
