@@ -21,13 +21,14 @@ from damops.dispatch import Completion, Lease
 # quotes and escapes element by element, 2-3x the cost of dumping a cycle's
 # parameters. Binary arrays refuse lists that mix int and float.
 #
-# The scheduler runs these statements as generic plans (see cycle.py), planned
-# once for any parameters. A statement that looks rows up by id and then checks
-# they are still PROCESSING writes that check as `o.status || '' = 'PROCESSING'`:
-# written plainly, it lets the planner read operations_processing_idx instead,
-# whose statistics (taken when few rows were PROCESSING) make it look like one
-# row, and with hundreds PROCESSING the generic plan scanned them all once per
-# StatusUpdate. The `|| ''` leaves only the primary key to look the ids up.
+# The scheduler runs these statements as generic plans (cycle.PLANNER_SETTINGS),
+# planned once for any parameters. A statement that looks rows up by id and then
+# checks they are still PROCESSING writes that check as `o.status || '' =
+# 'PROCESSING'`: written plainly, it lets the planner read
+# operations_processing_idx instead, whose statistics (taken when few rows were
+# PROCESSING) make it look like one row, and with hundreds PROCESSING the generic
+# plan scanned them all once per StatusUpdate. The `|| ''` leaves only the
+# primary key to look the ids up.
 
 # Bounds on what one attempt may leave in the database.
 MAX_TRACEBACK_CHARS = 16_000
