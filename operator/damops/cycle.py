@@ -42,12 +42,13 @@ finished_log = logging.getLogger(logs.OPERATION_LOG)
 RELEASE_REASON = "released: its worker or scheduler stopped before it finished"
 
 # The cycle's connection plans each statement once, for any parameters.
-# PostgreSQL's default (plan_cache_mode auto) re-planned the cycle's statement
-# on every execution, because its generic plan's estimate loses to the custom
-# ones: ~0.5 ms of server CPU per cycle, half of PostgreSQL's CPU in a cycle of
-# a few operations. A generic plan is kept until the next ANALYZE, so one made
-# while the table was empty must not read it sequentially: with seq scans off
-# every statement of store.py reads only index ranges, whatever the table holds.
+# PostgreSQL's default (plan_cache_mode auto) re-plans a prepared statement on
+# every execution while its generic plan's estimate loses to the custom ones, as
+# the cycle's does once a backlog of NEW rows was analyzed: ~0.5 ms of server CPU
+# per cycle, half of PostgreSQL's CPU in a cycle of a few operations. A generic
+# plan is kept until the next ANALYZE, so one made while the table was empty must
+# not read it sequentially: with seq scans off every statement of store.py reads
+# only index ranges, whatever the table holds by then.
 PLANNER_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -154,8 +155,12 @@ class DispatchCycle:
     async def _connection(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
             conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, prepare_threshold=0)
-            for name, value in PLANNER_SETTINGS.items():
-                await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+            try:
+                for name, value in PLANNER_SETTINGS.items():
+                    await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+            except BaseException:
+                await conn.close()
+                raise
             register_safe_jsonb(conn)
             self._conn = conn
         return self._conn
