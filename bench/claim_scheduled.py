@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from util import create_database, percentile  # noqa: E402
 
 from damops import store  # noqa: E402
-from damops.cycle import PLANNER_SETTINGS  # noqa: E402
 from damops.db import migrate  # noqa: E402
 from damops.embedded import start_embedded_postgres  # noqa: E402
 
@@ -60,8 +59,7 @@ def main() -> None:
         url = create_database(start_embedded_postgres(home), "bench_claim")
         migrate(url)
         with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-            for name, value in PLANNER_SETTINGS.items():  # as the scheduler's connection
-                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+            conn.execute(store.SET_PLANNER_SETTINGS_SQL, store.planner_settings_params())  # as the scheduler's
             conn.execute(
                 "INSERT INTO damops.operations (trigger_function, inputs) SELECT 'noop', '{}' FROM generate_series(1, 1000)"
             )

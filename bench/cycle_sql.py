@@ -9,7 +9,7 @@ the scheduler sends it (autocommit, prepared): each cycle writes N StatusUpdates
 and claims N operations. Prints the CPU time of the server process serving the
 connection, and the wall time, per operation.
 
-Plan modes: ``scheduler`` is the scheduler connection's (cycle.PLANNER_SETTINGS:
+Plan modes: ``scheduler`` is the scheduler connection's (store.PLANNER_SETTINGS:
 one generic plan); ``auto`` is PostgreSQL's default, which re-plans whenever the
 generic plan's estimate loses to the custom plans' (as it does with an analyzed
 backlog). A figure, not a test: `make test` does not run it.
@@ -31,14 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from util import create_database  # noqa: E402
 
 from damops import store  # noqa: E402
-from damops.cycle import PLANNER_SETTINGS  # noqa: E402
 from damops.db import migrate  # noqa: E402
 from damops.dispatch import Completion  # noqa: E402
 from damops.embedded import start_embedded_postgres  # noqa: E402
 from damops.protocol import StatusUpdate  # noqa: E402
 
 WORKERS = 16
-MODES = {"scheduler": PLANNER_SETTINGS, "auto": {"plan_cache_mode": "auto", "enable_seqscan": "on"}}
+MODES = {"scheduler": store.PLANNER_SETTINGS, "auto": {"plan_cache_mode": "auto", "enable_seqscan": "on"}}
 
 
 def backend_cpu_seconds(pid: int) -> float:
@@ -49,8 +48,7 @@ def backend_cpu_seconds(pid: int) -> float:
 def measure(url: str, mode: str, size: int, operations: int, finished: int) -> tuple[float, float]:
     """(server CPU us, wall us) per operation over cycles of ``size`` StatusUpdates + claims."""
     with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-        for name, value in MODES[mode].items():
-            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        conn.execute(store.SET_PLANNER_SETTINGS_SQL, store.planner_settings_params(MODES[mode]))
         conn.execute(
             "INSERT INTO damops.operations (trigger_function) SELECT 'noop' FROM generate_series(1, %s)",
             (operations + size,),

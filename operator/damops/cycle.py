@@ -40,16 +40,6 @@ log = logging.getLogger("damops.scheduler")
 finished_log = logging.getLogger(logs.OPERATION_LOG)
 
 RELEASE_REASON = "released: its worker or scheduler stopped before it finished"
-
-# The cycle's connection plans each statement once, for any parameters.
-# PostgreSQL's default (plan_cache_mode auto) re-plans a prepared statement on
-# every execution while its generic plan's estimate loses to the custom ones, as
-# the cycle's does once a backlog of NEW rows was analyzed: ~0.5 ms of server CPU
-# per cycle, half of PostgreSQL's CPU in a cycle of a few operations. A generic
-# plan is kept until the next ANALYZE, so one made while the table was empty must
-# not read it sequentially: with seq scans off every statement of store.py reads
-# only index ranges, whatever the table holds by then.
-PLANNER_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
@@ -156,8 +146,7 @@ class DispatchCycle:
         if self._conn is None or self._conn.closed:
             conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True, prepare_threshold=0)
             try:
-                for name, value in PLANNER_SETTINGS.items():
-                    await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+                await conn.execute(store.SET_PLANNER_SETTINGS_SQL, store.planner_settings_params())
             except BaseException:
                 await conn.close()
                 raise

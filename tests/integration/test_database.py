@@ -121,8 +121,6 @@ def test_claim_is_an_index_scan_on_the_claimable_rows(conn):
 
 def _generic_plan(conn: psycopg.Connection, sql: str) -> str:
     """The plan the scheduler's connection makes of ``sql``: once, for any parameters."""
-    from damops.cycle import PLANNER_SETTINGS
-
     numbers: dict[str, int] = {}
 
     def placeholder(match: re.Match[str]) -> str:
@@ -130,8 +128,7 @@ def _generic_plan(conn: psycopg.Connection, sql: str) -> str:
 
     text = re.sub(r"%\((\w+)\)[sb]", placeholder, sql)
     with conn.transaction(force_rollback=True):
-        for name, value in PLANNER_SETTINGS.items():
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        conn.execute(store.SET_PLANNER_SETTINGS_SQL, store.planner_settings_params(local=True))
         return "\n".join(row[0] for row in conn.execute("EXPLAIN (GENERIC_PLAN) " + text))
 
 
