@@ -497,7 +497,8 @@ def table(report: dict[str, Any]) -> str:
             f"{u['steady_ops_per_s']:>7.0f} ops/s = {u['steady_percent_of_ideal']:5.1f}% of {u['ideal_ops_per_s']:.0f} "
             f"(end to end {u['end_to_end_percent_of_ideal']:.1f}%); gap p50 {fmt(gap.get('p50_ms'), '.2f')} ms "
             f"p99 {fmt(gap.get('p99_ms'), '.2f')} ms; busy {fmt(u.get('busy_percent'), '.1f')}%, "
-            f"runs {fmt(u.get('run_ms', {}).get('mean_ms'), '.2f')} ms; load {u['load_before']['loadavg_1m']:.1f}"
+            f"runs {fmt(u.get('run_ms', {}).get('mean_ms'), '.2f')} ms (ceiling {fmt(u.get('ceiling_percent'), '.1f')}%); "
+            f"load {u['load_before']['loadavg_1m']:.1f}"
             + (f"; NOT SUCCESS: {u['not_success']}" if u.get("not_success") else "")
         )
     if report.get("startup"):

@@ -15,7 +15,8 @@ start and end (the worker's ``time.time()``):
 - *busy*: the share of that same span spent inside the trigger function. The
   steady figure falls short of it by the gaps, and short of 100 % also by the
   runs' overrun (a ``time.sleep(d)`` that wakes late on a busy machine counts
-  against the ideal W x 1/d): ``run_ms`` says by how much.
+  against the ideal W x 1/d): ``run_ms`` says by how much, and ``ceiling_percent``
+  is the steady figure that overrun alone leaves (d / the mean run) with no gap at all.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def figures(rows: list[tuple[Any, ...]], workers: int, seconds: float, wall: flo
         "workers_used": len(by_pid),
         "busy_percent": round(100 * busy / spans, 2) if spans else None,
         "run_ms": latency_summary(durations),
+        "ceiling_percent": round(100 * seconds * 1000 * len(durations) / sum(durations), 2) if durations else None,
         "gap": latency_summary(gaps),
     }
 
@@ -150,6 +152,7 @@ async def run_utilisation(
                 f"gap p50 {gap.get('p50_ms', float('nan')):.2f} ms p99 {gap.get('p99_ms', float('nan')):.2f} ms; "
                 f"busy {entry['busy_percent'] or float('nan'):.1f}%, runs of {ms:g} ms took "
                 f"{entry['run_ms'].get('mean_ms', float('nan')):.2f} ms on average "
+                f"(a ceiling of {entry['ceiling_percent'] or float('nan'):.1f}%) "
                 f"(pre-heated in {entry['preheat_seconds']:.1f}s, load {entry['load_before']['loadavg_1m']:.1f})",
                 flush=True,
             )
