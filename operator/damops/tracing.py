@@ -41,8 +41,11 @@ log = logging.getLogger("damops.tracing")
 
 INSTRUMENTATION = "damops"
 # OTEL_TRACES_EXPORTER names damops knows itself; any other is looked up in this
-# entry-point group (``otlp`` once opentelemetry-exporter-otlp is installed).
+# entry-point group, ``otlp`` by its protocol (see :func:`entry_point_names`).
 EXPORTER_ENTRY_POINTS = "opentelemetry_traces_exporter"
+# The entry points of the OTLP exporters, by OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL
+# ("otlp": the opentelemetry-exporter-otlp package's name for its gRPC one).
+OTLP_BY_PROTOCOL = {"http/protobuf": ["otlp_proto_http"], "grpc": ["otlp_proto_grpc", "otlp"]}
 FILE_EXPORTER = "jsonl"  # one JSON object per span, appended to DAMOPS_TRACING_FILE
 
 # The tracer of damops's own processes; None: no claim or run spans (the hot path checks only this).
@@ -62,6 +65,23 @@ def exporter_names(environ: Mapping[str, str]) -> list[str]:
     """OTEL_TRACES_EXPORTER as a list (the specification's default is otlp); ``none`` means none."""
     names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
     return [n for n in names if n != "none"]
+
+
+def entry_point_names(name: str, environ: Mapping[str, str]) -> list[str]:
+    """The exporter entry points an OTEL_TRACES_EXPORTER name may be, the first installed
+    one wins. ``otlp`` is the exporter of OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (else
+    OTEL_EXPORTER_OTLP_PROTOCOL); with neither set, http/protobuf (the specification's
+    default, and what damops[otel] installs), then grpc. A protocol not in
+    OTLP_BY_PROTOCOL raises ValueError naming the variable."""
+    if name != "otlp":
+        return [name]
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = environ.get(variable, "").strip()
+        if protocol:
+            if protocol not in OTLP_BY_PROTOCOL:
+                raise ValueError(f"{variable}={protocol!r}: expected one of {', '.join(OTLP_BY_PROTOCOL)}")
+            return OTLP_BY_PROTOCOL[protocol]
+    return [point for points in OTLP_BY_PROTOCOL.values() for point in points]
 
 
 def service_attributes(role: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -134,12 +154,22 @@ def _processor(name: str, environ: Mapping[str, str]) -> Any:
         return SimpleSpanProcessor(ConsoleSpanExporter())
     from importlib.metadata import entry_points
 
-    found = entry_points(group=EXPORTER_ENTRY_POINTS, name=name)
-    if not found:
-        log.warning("no OpenTelemetry span exporter %r installed (OTEL_TRACES_EXPORTER); skipping it", name)
+    try:
+        candidates = entry_point_names(name, environ)
+    except ValueError as exc:
+        log.warning("OpenTelemetry span exporter %r: %s; skipping it", name, exc)
+        return None
+    installed = {point.name: point for point in entry_points(group=EXPORTER_ENTRY_POINTS)}
+    found = next((installed[candidate] for candidate in candidates if candidate in installed), None)
+    if found is None:
+        log.warning(
+            "no OpenTelemetry span exporter %r installed (OTEL_TRACES_EXPORTER; looked for %s); skipping it",
+            name,
+            ", ".join(candidates),
+        )
         return None
     try:
-        exporter = next(iter(found)).load()()
+        exporter = found.load()()
     except Exception as exc:  # noqa: BLE001 - a broken exporter must not stop the process
         log.warning("the OpenTelemetry span exporter %r could not be set up: %s", name, exc)
         return None

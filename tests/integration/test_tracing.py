@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -249,3 +250,82 @@ def test_without_opentelemetry_tracing_on_changes_nothing_but_a_warning(database
     assert not spans_file.exists()
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT trace_context FROM damops.operations WHERE id = %s", (op_id,)).fetchone() == (None,)
+
+
+class OtlpReceiver:
+    """A collector's OTLP/HTTP endpoint on a real socket: keeps each exported span
+    as (service name, span name, attributes)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list[tuple[str, str, dict[str, str]]] = []
+        self.paths: set[str] = set()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for span in scope_spans.spans:
+                            attributes = {
+                                a.key: str(a.value.string_value or a.value.int_value) for a in span.attributes
+                            }
+                            receiver.spans.append((resource.get("service.name", ""), span.name, attributes))
+                receiver.paths.add(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_with_nothing_but_an_endpoint_spans_go_to_an_otlp_collector_over_http(database_url):
+    """OTEL_TRACES_EXPORTER's default (otlp) is the HTTP exporter damops[otel] installs:
+    the scheduler's claim span and the worker's run span reach the collector."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="needs the otel extra's OTLP exporter")
+    receiver = OtlpReceiver()
+    env = {
+        "DAMOPS_TRACING": "1",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s rather than 5 s
+    }
+    try:
+        with DamopsRun(database_url, POOL, workers=1, env=env) as run:
+            run.wait_ready()
+            with psycopg.connect(database_url) as conn:
+                op_id = enqueue(conn, "noop", pool=POOL)
+            assert asyncio.run(wait_final(database_url, [op_id])) == {op_id: "SUCCESS"}
+            wanted = {("damops-scheduler", f"claim {POOL}"), ("damops-worker", "run noop")}
+            deadline = time.monotonic() + 60
+            while True:
+                got = {
+                    (service, name)
+                    for service, name, attrs in receiver.spans
+                    if attrs.get("messaging.message.id") == str(op_id)
+                }
+                if got >= wanted:
+                    break
+                assert time.monotonic() < deadline, (
+                    f"the collector got {receiver.spans}; log: {run.stderr.text[-3000:]}"
+                )
+                time.sleep(0.1)
+            assert "exporter" not in run.stderr.text  # no warning about a missing or broken one
+    finally:
+        receiver.close()
+    assert receiver.paths == {"/v1/traces"}

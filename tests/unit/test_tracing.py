@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from damops import protocol, tracing
 from damops.dispatch import Lease
 
@@ -17,6 +19,16 @@ def test_exporters_follow_otel_traces_exporter_with_the_specifications_default()
     assert tracing.exporter_names({}) == ["otlp"]
     assert tracing.exporter_names({"OTEL_TRACES_EXPORTER": "console, jsonl"}) == ["console", "jsonl"]
     assert tracing.exporter_names({"OTEL_TRACES_EXPORTER": "none"}) == []
+
+
+def test_otlp_is_the_exporter_of_the_otlp_protocol_variables_http_first_when_none_is_set():
+    assert tracing.entry_point_names("otlp", {}) == ["otlp_proto_http", "otlp_proto_grpc", "otlp"]
+    assert tracing.entry_point_names("otlp", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == ["otlp_proto_grpc", "otlp"]
+    both = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    assert tracing.entry_point_names("otlp", both) == ["otlp_proto_http"]  # the signal's own variable wins
+    assert tracing.entry_point_names("zipkin", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == ["zipkin"]
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL='http/json'"):
+        tracing.entry_point_names("otlp", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
 
 
 def test_the_service_name_defaults_to_the_role_unless_the_environment_names_one():
