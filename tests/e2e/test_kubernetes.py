@@ -618,3 +618,85 @@ def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> No
     assert {p["metadata"]["uid"] for p in live_pods(name)} == uids, "the upgrade recreated the pool's pods"
     ids = enqueue(name, "noop", 20)
     assert all(r["status"] == "SUCCESS" for r in wait_all_final(ids, timeout=120)), statuses(ids)
+
+
+# An OTLP/HTTP endpoint as a collector has one, run from the worker image (it has
+# opentelemetry-proto): one line per span received, for `kubectl logs`.
+OTLP_RECEIVER = """
+import http.server
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}.get("service.name")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    ids = [a.value.string_value for a in span.attributes if a.key == "messaging.message.id"]
+                    print("SPAN", self.path, service, repr(span.name), *ids, flush=True)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+print("listening", flush=True)
+http.server.HTTPServer(("0.0.0.0", 4318), Handler).serve_forever()
+"""
+
+
+def test_the_images_send_spans_to_an_otlp_collector_given_only_its_endpoint() -> None:
+    """damops's images carry the otel extra and its OTLP/HTTP exporter: a pool whose
+    spec.env turns tracing on sends its run spans to the collector, nothing else set up."""
+    name = f"traced-{RUN}"
+    receiver = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-collector", "namespace": NS},
+        "spec": {
+            "containers": [
+                {
+                    "name": "collector",
+                    "image": WORKER_IMAGE,
+                    "imagePullPolicy": PULL_POLICY,
+                    "command": ["python", "-u", "-c", OTLP_RECEIVER],
+                    "ports": [{"containerPort": 4318}],
+                }
+            ]
+        },
+    }
+    kubectl("apply", "-f", "-", stdin=json.dumps(receiver))
+    try:
+
+        def receiver_ip() -> str | None:
+            pod = kjson("get", "pod", f"{name}-collector")
+            listening = "listening" in kubectl("logs", f"{name}-collector", check=False).stdout
+            return pod["status"].get("podIP") if listening else None
+
+        ip = wait_for("the collector pod listening", receiver_ip, timeout=120)
+        apply_pool(
+            name,
+            1,
+            env=[
+                {"name": "DAMOPS_TRACING", "value": "true"},
+                {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": f"http://{ip}:4318"},
+                {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "200"},
+            ],
+        )
+        wait_ready(name, 1)
+        [op_id] = enqueue(name, "noop", 1)
+        [row] = wait_all_final([op_id], timeout=120)
+        assert row["status"] == "SUCCESS", row
+        wanted = f"SPAN /v1/traces damops-worker 'run noop' {op_id}"
+        wait_for(
+            f"the run span of operation {op_id} at the collector",
+            lambda: wanted in kubectl("logs", f"{name}-collector", check=False).stdout.splitlines(),
+            timeout=60,
+        )
+        operator = operator_pod()
+        assert operator is not None
+        imported = kubectl(
+            "exec", operator["metadata"]["name"], "--", "python", "-c", "import opentelemetry.exporter.otlp.proto.http"
+        )
+        assert imported.returncode == 0  # the operator's image carries it too (its claim spans)
+    finally:
+        kubectl("delete", "pod", f"{name}-collector", "--wait=false", check=False)
