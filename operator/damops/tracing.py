@@ -80,7 +80,7 @@ def entry_point_names(name: str, environ: Mapping[str, str]) -> list[str]:
         if protocol:
             if protocol not in OTLP_BY_PROTOCOL:
                 raise ValueError(f"{variable}={protocol!r}: expected one of {', '.join(OTLP_BY_PROTOCOL)}")
-            return OTLP_BY_PROTOCOL[protocol]
+            return list(OTLP_BY_PROTOCOL[protocol])  # a copy: callers may change it
     return [point for points in OTLP_BY_PROTOCOL.values() for point in points]
 
 

@@ -735,7 +735,11 @@ def test_dockerfile_targets_and_compat_files() -> None:
     names = [alias for _, alias in stages]
     assert {"worker", "operator"} <= set(names)
     assert re.search(r"^ARG BASE_IMAGE=\S+:\d+\.\d+\.\d+-slim-\w+", dockerfile, flags=re.M), "a pinned base"
-    assert '"/src[k8s]"' in dockerfile  # the operator installs the k8s extra
+    # Each build stage's name and the first package it pip-installs after its FROM line.
+    stage_install = r'^FROM\s+\S+\s+AS\s+(build-\w+)\n(?:.*\n)*?.*pip install --no-compile "(/src\[[^\]]*\])"'
+    installs = dict(re.findall(stage_install, dockerfile, flags=re.M))
+    # Both images send spans over OTLP once tracing is on; only the operator needs kopf and the client.
+    assert installs == {"build-worker": "/src[otel]", "build-operator": "/src[k8s,otel]"}, installs
     for label in ("title", "version", "revision", "source", "licenses", "created"):
         assert f"org.opencontainers.image.{label}=" in dockerfile, label
     for target in ("worker", "operator"):
