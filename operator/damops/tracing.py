@@ -45,7 +45,10 @@ INSTRUMENTATION = "damops"
 EXPORTER_ENTRY_POINTS = "opentelemetry_traces_exporter"
 # The entry points of the OTLP exporters, by OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL
 # ("otlp": the opentelemetry-exporter-otlp package's name for its gRPC one).
-OTLP_BY_PROTOCOL = {"http/protobuf": ["otlp_proto_http"], "grpc": ["otlp_proto_grpc", "otlp"]}
+OTLP_BY_PROTOCOL: dict[str, tuple[str, ...]] = {
+    "http/protobuf": ("otlp_proto_http",),
+    "grpc": ("otlp_proto_grpc", "otlp"),
+}
 FILE_EXPORTER = "jsonl"  # one JSON object per span, appended to DAMOPS_TRACING_FILE
 
 # The tracer of damops's own processes; None: no claim or run spans (the hot path checks only this).
@@ -80,7 +83,7 @@ def entry_point_names(name: str, environ: Mapping[str, str]) -> list[str]:
         if protocol:
             if protocol not in OTLP_BY_PROTOCOL:
                 raise ValueError(f"{variable}={protocol!r}: expected one of {', '.join(OTLP_BY_PROTOCOL)}")
-            return list(OTLP_BY_PROTOCOL[protocol])  # a copy: callers may change it
+            return list(OTLP_BY_PROTOCOL[protocol])
     return [point for points in OTLP_BY_PROTOCOL.values() for point in points]
 
 
