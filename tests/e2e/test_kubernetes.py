@@ -556,14 +556,25 @@ def test_helm_test_enqueues_an_operation_and_sees_it_succeed() -> None:
     proc = subprocess.run(
         ["helm", "test", RELEASE, "-n", NS, "--timeout", "240s"], capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"TEST SUITE:     {RELEASE}-test-operation" in proc.stdout and "Phase:          Succeeded" in proc.stdout
+    pool = f"{RELEASE}-helm-test"
     with psycopg.connect(DB_URL, autocommit=True) as conn:
         done = conn.execute(
-            "SELECT status FROM damops.operations WHERE pool = %s AND inputs @> '{\"helm_test\": true}'",
-            (f"{RELEASE}-helm-test",),
+            "SELECT id, status, attempts, worker, error FROM damops.operations"
+            " WHERE pool = %s AND inputs @> '{\"helm_test\": true}'",
+            (pool,),
         ).fetchall()
-    assert done == [("SUCCESS",)], f"the helm test's operation: {done}"
+    if proc.returncode != 0:
+        # a failed hook keeps its pod and its pool: say what they saw
+        test_pod = kubectl("logs", f"pod/{RELEASE}-test-operation", check=False)
+        pool_status = kubectl("get", "workerpool", pool, "-o", "jsonpath={.status}", check=False)
+        operator_logs = kubectl("logs", f"deploy/{RELEASE}-operator", "--tail=60", check=False)
+        raise AssertionError(
+            f"{proc.stdout}{proc.stderr}\n--- test pod\n{test_pod.stdout}{test_pod.stderr}"
+            f"\n--- operations of pool {pool}: {done}\n--- WorkerPool status: {pool_status.stdout}"
+            f"\n--- operator\n{operator_logs.stdout}"
+        )
+    assert f"TEST SUITE:     {RELEASE}-test-operation" in proc.stdout and "Phase:          Succeeded" in proc.stdout
+    assert [row[1] for row in done] == ["SUCCESS"], f"the helm test's operation: {done}"
 
 
 def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> None:

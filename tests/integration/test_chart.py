@@ -422,15 +422,29 @@ def test_helm_test_objects() -> None:
 
 
 def test_helm_test_script_sees_success_with_a_real_scheduler(database_url: str, tmp_path: Path) -> None:
-    """Run the test pod's own script against a real database served by `damops run` (local workers)."""
+    """Run the test pod's own script against a real database served by `damops run` (local workers).
+    Its first `damops status` fails, as one would while the database restarts: the script polls on."""
     pod = one(render("--set", "tests.timeoutSeconds=120"), "Pod")
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["sh", "-ec"]
     script = container["args"][0]
     bindir = str(Path(sys.executable).parent)
+    # the injected fault: a `damops` ahead on PATH whose first `status` exits 2, as the real one does
+    # when it cannot connect; every other call is the real command
+    faulty = tmp_path / "faulty-bin"
+    faulty.mkdir()
+    (faulty / "damops").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = status ] && [ ! -e {tmp_path}/failed-once ]; then\n'
+        f"  : > {tmp_path}/failed-once\n"
+        '  echo "damops: cannot connect to the database (injected)" >&2; exit 2\n'
+        "fi\n"
+        f'exec {bindir}/damops "$@"\n'
+    )
+    (faulty / "damops").chmod(0o755)
     env = {
         **os.environ,
-        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        "PATH": os.pathsep.join((str(faulty), bindir, os.environ["PATH"])),
         "DATABASE_URL": database_url,
         "POOL": "chart-helm-test",
         "TIMEOUT": "120",
@@ -453,6 +467,8 @@ def test_helm_test_script_sees_success_with_a_real_scheduler(database_url: str, 
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait()
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "runner.log").read_text()[-3000:]
+    assert (tmp_path / "failed-once").exists(), "the fault was not injected"
+    assert re.search(r"operation \d+: unknown \(damops status failed\)", proc.stdout), proc.stdout
     assert re.search(r"operation \d+: SUCCESS", proc.stdout), proc.stdout
 
 
