@@ -670,10 +670,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             except ModuleNotFoundError:
                 raise UserError("needs the k8s extra: pip install 'damops[k8s]'") from None
             if argv[0] == "operator":
+                from damops.k8s.main import check_configuration
                 from damops.k8s.main import main as operator_main
 
                 tracing.configure("operator")
                 if not {"-h", "--help"} & set(argv[1:]):
+                    check_configuration()  # a bad value is named before a missing cluster is
                     _check_cluster()
                 operator_main(argv[1:])
                 raise SystemExit(0)

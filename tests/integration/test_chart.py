@@ -265,6 +265,54 @@ def test_operator_scheduling_volumes_and_env_values() -> None:
     assert container["envFrom"] == [{"secretRef": {"name": "extra"}}]
 
 
+def test_tracing_values_reach_the_operator_and_through_it_every_worker_pod() -> None:
+    from damops.k8s.models import WorkerPoolSpec
+    from damops.k8s.specs import WorkerDefaults, build_worker_pod_spec
+
+    tracing = {"enabled": True, "endpoint": "http://otel-collector.observability:4318", "sampleRatio": 0.25}
+    workers_env = [{"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "200"}]
+    docs = render(
+        "--set-json", f"tracing={json.dumps(tracing)}", "--set-json", f"workers.env={json.dumps(workers_env)}"
+    )
+    env = {e["name"]: e.get("value") for e in operator_pod(docs)["spec"]["containers"][0]["env"]}
+    expected = {
+        "DAMOPS_TRACING": "true",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
+    assert expected.items() <= env.items()
+    # the operator reads DAMOPS_WORKER_ENV as the chart writes it, and puts it in every worker container
+    pod = build_worker_pod_spec("thumbs", "ops", "u", WorkerPoolSpec(), WorkerDefaults.from_env(env))
+    worker = {c["name"]: c for c in pod["spec"]["containers"]}["worker"]
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert {**expected, "OTEL_BSP_SCHEDULE_DELAY": "200"}.items() <= worker_env.items()
+    # off (the default): no tracing variable anywhere, and no DAMOPS_WORKER_ENV without workers.env
+    plain = {e["name"] for e in operator_pod(render())["spec"]["containers"][0]["env"]}
+    assert not {"DAMOPS_TRACING", "DAMOPS_WORKER_ENV", "OTEL_EXPORTER_OTLP_ENDPOINT"} & plain
+    grpc = render(
+        "--set", "tracing.enabled=true", "--set", "tracing.endpoint=http://c:4317", "--set", "tracing.protocol=grpc"
+    )
+    assert {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "grpc"} in operator_pod(grpc)["spec"]["containers"][0][
+        "env"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--set", "tracing.enabled=true"], "tracing.enabled=true needs tracing.endpoint"),
+        (["--set", "tracing.protocol=thrift"], "/tracing/protocol"),
+        (["--set-json", "tracing.sampleRatio=2"], "/tracing/sampleRatio"),
+        (["--set-json", 'workers.env=[{"value": "1"}]'], "/workers/env/0"),
+    ],
+)
+def test_bad_tracing_and_worker_env_values_stop_the_install(options: list[str], message: str) -> None:
+    proc = helm("template", "t", str(CHART), "--kube-version", KUBE_VERSION, *DB, *options)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
 # --------------------------------------------------------------------------- monitoring
 
 

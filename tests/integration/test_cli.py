@@ -229,6 +229,11 @@ def test_operator_without_a_cluster_fails_fast_in_one_line(tmp_path):
     assert time.monotonic() - started < 30
 
 
+def test_operator_with_a_bad_worker_env_stops_naming_the_variable(tmp_path):
+    env = {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "HOME": str(tmp_path), "DAMOPS_WORKER_ENV": '{"name": "A"}'}
+    user_error(cli(None, "operator", check=False, env=env), "DAMOPS_WORKER_ENV", "list")
+
+
 def test_a_reader_that_goes_away_is_not_an_error(database_url, conn):
     enqueue_many_rows = [enqueue(conn, "noop") for _ in range(300)]
     assert enqueue_many_rows

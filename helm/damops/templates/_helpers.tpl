@@ -97,6 +97,9 @@ damops needs a PostgreSQL database and none is configured. Give exactly one of:
 {{- else if gt (len $given) 1 -}}
 {{- fail (printf "\n\ndamops: give exactly one of database.existingSecret.name, database.url, database.postgresql.enabled=true; these are all set: %s\n" (join ", " $given)) -}}
 {{- end -}}
+{{- if and .Values.tracing.enabled (not .Values.tracing.endpoint) -}}
+{{- fail "\n\ndamops: tracing.enabled=true needs tracing.endpoint, the OTLP endpoint of your collector (e.g. --set tracing.endpoint=http://otel-collector.observability:4318)\n" -}}
+{{- end -}}
 {{- if and .Values.operator.metrics.serviceMonitor.enabled (not .Values.operator.metrics.service) -}}
 {{- fail "\n\ndamops: operator.metrics.serviceMonitor.enabled=true needs operator.metrics.service=true (the ServiceMonitor selects that Service)\n" -}}
 {{- end -}}
@@ -106,4 +109,21 @@ damops needs a PostgreSQL database and none is configured. Give exactly one of:
 {{- define "damops.testNamespace" -}}
 {{- $w := .Values.operator.watchNamespaces -}}
 {{- if or (empty $w) (has .Release.Namespace $w) -}}{{ .Release.Namespace }}{{- else -}}{{ first $w }}{{- end -}}
+{{- end -}}
+
+{{/* The tracing variables (tracing.*) as Pod env entries: the operator's and, through DAMOPS_WORKER_ENV, every worker's. */}}
+{{- define "damops.tracingEnv" -}}
+{{- $env := list -}}
+{{- with .Values.tracing -}}
+{{- if .enabled -}}
+{{- $env = append $env (dict "name" "DAMOPS_TRACING" "value" "true") -}}
+{{- $env = append $env (dict "name" "OTEL_EXPORTER_OTLP_ENDPOINT" "value" .endpoint) -}}
+{{- with .protocol }}{{ $env = append $env (dict "name" "OTEL_EXPORTER_OTLP_PROTOCOL" "value" .) }}{{ end -}}
+{{- if not (kindIs "invalid" .sampleRatio) -}}
+{{- $env = append $env (dict "name" "OTEL_TRACES_SAMPLER" "value" "parentbased_traceidratio") -}}
+{{- $env = append $env (dict "name" "OTEL_TRACES_SAMPLER_ARG" "value" (toString .sampleRatio)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $env -}}
 {{- end -}}

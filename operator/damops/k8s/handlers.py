@@ -67,9 +67,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     metrics.start_server()
     log.info(
-        "damops operator started (default worker image %s, pull policy %s)",
+        "damops operator started (default worker image %s, pull policy %s, worker env %s)",
         memo.damops.worker_defaults.image,
         memo.damops.worker_defaults.pull_policy,
+        ", ".join(e.name for e in memo.damops.worker_defaults.env) or "none",
     )
 
 

@@ -70,15 +70,20 @@ def set_log_levels(*, verbose: bool, operation_log: bool) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
+def check_configuration() -> None:
+    """A bad setting stops start-up here, with the variable's name (ConfigError), before any I/O."""
+    from damops.config import load_settings
+    from damops.k8s.specs import WorkerDefaults
+
+    load_settings()
+    WorkerDefaults.from_env(os.environ)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     import kopf
 
-    from damops.config import load_settings
-    from damops.k8s.specs import WorkerDefaults
-
-    load_settings()  # a bad setting stops start-up here, with the variable's name
-    WorkerDefaults.from_env(os.environ)
+    check_configuration()
     logging.getLogger().handlers.clear()  # one handler, kopf's (plain or JSON), for every logger
     kopf.configure(
         verbose=args.verbose,

@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from damops.config import ConfigError
 from damops.k8s import API_VERSION, KIND
-from damops.k8s.models import WorkerPoolSpec
+from damops.k8s.models import EnvVar, WorkerPoolSpec
 
 SIDECAR_PORT = 7700
 HEALTH_PORT = 7701
@@ -43,18 +45,48 @@ PULL_POLICIES: tuple[PullPolicy, ...] = ("Always", "IfNotPresent", "Never")
 
 @dataclass(frozen=True)
 class WorkerDefaults:
-    """What a WorkerPool gets when its spec leaves image or pull policy out (the operator's settings)."""
+    """What every WorkerPool gets from the operator's settings: the image and pull policy
+    when its spec leaves them out, and environment variables ahead of its spec.env."""
 
     image: str = DEFAULT_IMAGE
     pull_policy: PullPolicy = "IfNotPresent"
+    env: tuple[EnvVar, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerDefaults:
-        """DAMOPS_WORKER_IMAGE and DAMOPS_WORKER_IMAGE_PULL_POLICY, as the chart sets them."""
+        """DAMOPS_WORKER_IMAGE, DAMOPS_WORKER_IMAGE_PULL_POLICY and DAMOPS_WORKER_ENV (a JSON
+        list of Pod env entries), as the chart sets them."""
         policy = env.get("DAMOPS_WORKER_IMAGE_PULL_POLICY") or cls.pull_policy
         if policy not in PULL_POLICIES:
             raise ConfigError(f"DAMOPS_WORKER_IMAGE_PULL_POLICY={policy!r}: expected one of {', '.join(PULL_POLICIES)}")
-        return cls(image=env.get("DAMOPS_WORKER_IMAGE") or DEFAULT_IMAGE, pull_policy=policy)
+        return cls(
+            image=env.get("DAMOPS_WORKER_IMAGE") or DEFAULT_IMAGE,
+            pull_policy=policy,
+            env=parse_worker_env(env.get("DAMOPS_WORKER_ENV") or "[]"),
+        )
+
+
+_ENV_LIST = TypeAdapter(list[EnvVar])
+
+
+def parse_worker_env(text: str) -> tuple[EnvVar, ...]:
+    """DAMOPS_WORKER_ENV: ``[{"name": ..., "value": ...}, ...]``; anything else raises ConfigError."""
+    try:
+        entries = _ENV_LIST.validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(
+            f"DAMOPS_WORKER_ENV: {first['msg']}{f' at {where}' if where else ''}"
+            ' (expected a JSON list such as [{"name": "OTEL_SERVICE_NAME", "value": "thumbs"}])'
+        ) from None
+    return tuple(entries)
+
+
+def worker_env_of(spec: WorkerPoolSpec, defaults: WorkerDefaults) -> list[dict[str, Any]]:
+    """The operator's worker environment, then the pool's own: a name the pool sets is the pool's."""
+    own = {e.name for e in spec.env}
+    return [e.to_k8s() for e in defaults.env if e.name not in own] + [e.to_k8s() for e in spec.env]
 
 
 def selector_labels(pool_resource: str) -> dict[str, str]:
@@ -145,7 +177,7 @@ def pod_template(name: str, spec: WorkerPoolSpec, defaults: WorkerDefaults = Wor
         worker_env.append({"name": "DAMOPS_PRELOAD", "value": ",".join(spec.trigger_functions.preload)})
     if spec.trigger_functions.extra_python_path:
         worker_env.append({"name": "PYTHONPATH", "value": ":".join(spec.trigger_functions.extra_python_path)})
-    worker_env.extend(e.to_k8s() for e in spec.env)
+    worker_env.extend(worker_env_of(spec, defaults))
     mounts = [{"name": "damops-run", "mountPath": SOCKET_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     sidecar = {
         "name": "sidecar",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -155,3 +157,48 @@ def test_pull_policy_defaults_to_the_operators_and_the_spec_wins() -> None:
 def test_bad_pull_policy_stops_start_up_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="DAMOPS_WORKER_IMAGE_PULL_POLICY"):
         WorkerDefaults.from_env({"DAMOPS_WORKER_IMAGE_PULL_POLICY": "Sometimes"})
+
+
+def test_the_operators_worker_env_comes_first_and_a_pool_overrides_it_by_name() -> None:
+    defaults = WorkerDefaults.from_env(
+        {
+            "DAMOPS_WORKER_ENV": json.dumps(
+                [
+                    {"name": "DAMOPS_TRACING", "value": "1"},
+                    {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4318"},
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                ]
+            )
+        }
+    )
+    spec = WorkerPoolSpec.model_validate({"env": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://own:4318"}]})
+    containers = {c["name"]: c for c in build_worker_pod_spec("wp", "ns", "u", spec, defaults)["spec"]["containers"]}
+    env = [(e["name"], e.get("value", e.get("valueFrom"))) for e in containers["worker"]["env"]]
+    names = [name for name, _ in env]
+    assert names.count("OTEL_EXPORTER_OTLP_ENDPOINT") == 1
+    assert ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://own:4318") in env
+    assert ("DAMOPS_TRACING", "1") in env and ("NODE", {"fieldRef": {"fieldPath": "spec.nodeName"}}) in env
+    assert names.index("DAMOPS_TRACING") < names.index("OTEL_EXPORTER_OTLP_ENDPOINT")
+    # the sidecar does not trace: it keeps damops's own variables only
+    assert "DAMOPS_TRACING" not in {e["name"] for e in containers["sidecar"]["env"]}
+    # a change of the operator's worker env is a new pod template: the pools roll their free workers
+    plain = build_worker_pod_spec("wp", "ns", "u", spec)
+    assert (
+        plain["metadata"]["labels"][LABEL_HASH]
+        != build_worker_pod_spec("wp", "ns", "u", spec, defaults)["metadata"]["labels"][LABEL_HASH]
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("{not json", "Invalid JSON"),
+        ('{"name": "A", "value": "1"}', "list"),
+        ('[{"value": "1"}]', "name"),
+        ('[{"name": "A", "value": 1}]', "string"),
+    ],
+)
+def test_bad_worker_env_stops_start_up_naming_the_variable(value: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=f"DAMOPS_WORKER_ENV: .*{named}") as raised:
+        WorkerDefaults.from_env({"DAMOPS_WORKER_ENV": value})
+    assert "\n" not in str(raised.value)
