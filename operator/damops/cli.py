@@ -673,7 +673,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 from damops.k8s.main import check_configuration
                 from damops.k8s.main import main as operator_main
 
-                tracing.configure("operator")
                 if not {"-h", "--help"} & set(argv[1:]):
                     check_configuration()  # a bad value is named before a missing cluster is
                     _check_cluster()

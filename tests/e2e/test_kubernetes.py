@@ -714,10 +714,17 @@ def test_tracing_values_send_claim_and_run_spans_to_an_otlp_collector() -> None:
             f"SPAN /v1/traces damops-operator 'claim {name}' {op_id}",
             f"SPAN /v1/traces damops-worker 'run noop' {op_id}",
         }
-        wait_for(
-            f"the claim and run spans of operation {op_id} at the collector",
-            lambda: wanted <= set(kubectl("logs", f"{name}-collector", check=False).stdout.splitlines()),
-            timeout=60,
-        )
+        try:
+            wait_for(
+                f"the claim and run spans of operation {op_id} at the collector",
+                lambda: wanted <= set(kubectl("logs", f"{name}-collector", check=False).stdout.splitlines()),
+                timeout=60,
+            )
+        except AssertionError as exc:
+            received = kubectl("logs", f"{name}-collector", check=False).stdout
+            operator_log = kubectl("logs", f"deploy/{RELEASE}-operator", "--tail=30", check=False).stdout
+            raise AssertionError(
+                f"{exc}\n--- the collector received\n{received}\n--- operator\n{operator_log}"
+            ) from None
     finally:
         kubectl("delete", "pod", f"{name}-collector", "--wait=false", check=False)

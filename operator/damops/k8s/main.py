@@ -6,8 +6,9 @@
 
 With no ``--namespace`` it watches all namespaces (cluster-wide peering).
 Environment: DATABASE_URL and the timing variables (see damops.config),
-DAMOPS_WORKER_IMAGE and DAMOPS_WORKER_IMAGE_PULL_POLICY (defaults of WorkerPools), DAMOPS_METRICS_PORT (9090),
-DAMOPS_WATCH_NAMESPACES (comma-separated, same as --namespace).
+DAMOPS_WORKER_IMAGE, DAMOPS_WORKER_IMAGE_PULL_POLICY and DAMOPS_WORKER_ENV (defaults of WorkerPools),
+DAMOPS_METRICS_PORT (9090), DAMOPS_WATCH_NAMESPACES (comma-separated, same as --namespace),
+DAMOPS_TRACING and the OTEL_* variables (claim spans).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from damops import tracing
 from damops.logs import OPERATION_LOG
 from damops.loop import event_loop
 
@@ -92,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     )
     set_log_levels(verbose=args.verbose, operation_log=args.operation_log)
+    # Here, not in the CLI: the chart's image runs `python -m damops.k8s.main`.
+    tracing.configure("operator")
     import damops.k8s.handlers  # noqa: F401 - registers the handlers
 
     namespaces = args.namespace or args.env_namespaces
