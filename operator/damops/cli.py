@@ -645,19 +645,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_cluster() -> None:
-    """`damops operator` without a reachable cluster: one line, not a traceback every 60 s."""
-    from kubernetes import config as kube_config
-
-    try:
-        kube_config.load_incluster_config()
-    except kube_config.ConfigException:
-        try:
-            kube_config.load_kube_config()
-        except (kube_config.ConfigException, OSError) as exc:
-            raise UserError(f"no Kubernetes cluster configured (in-cluster or KUBECONFIG): {exc}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -670,12 +657,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             except ModuleNotFoundError:
                 raise UserError("needs the k8s extra: pip install 'damops[k8s]'") from None
             if argv[0] == "operator":
-                from damops.k8s.main import check_configuration
                 from damops.k8s.main import main as operator_main
 
-                if not {"-h", "--help"} & set(argv[1:]):
-                    check_configuration()  # a bad value is named before a missing cluster is
-                    _check_cluster()
                 operator_main(argv[1:])
                 raise SystemExit(0)
             from damops.k8s.crdgen import main as crd_main

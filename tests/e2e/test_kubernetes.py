@@ -577,6 +577,25 @@ def test_helm_test_enqueues_an_operation_and_sees_it_succeed() -> None:
     assert [row[1] for row in done] == ["SUCCESS"], f"the helm test's operation: {done}"
 
 
+def helm_upgrade(*options: str) -> dict[str, Any]:
+    """`helm upgrade --reuse-values` of this module's release with ``options``; returns the new
+    operator pod once it, not the one before, is Ready."""
+    old = operator_pod()
+    assert old is not None
+    proc = subprocess.run(
+        ["helm", "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--wait", "--timeout", "240s", *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return wait_for(
+        "the upgraded operator pod Ready",
+        lambda: (p := operator_pod()) and p["metadata"]["name"] != old["metadata"]["name"] and p,
+        120,
+    )
+
+
 def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> None:
     """The documented upgrade: CRDs first (server-side apply), then `helm upgrade --reuse-values`.
     The operator is replaced; the pool's pods are adopted, not recreated, and keep working."""
@@ -584,8 +603,6 @@ def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> No
     apply_pool(name, 2)
     wait_ready(name, 2)
     uids = {p["metadata"]["uid"] for p in live_pods(name)}
-    old = operator_pod()
-    assert old is not None
     crds = subprocess.run(
         ["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds")],
         capture_output=True,
@@ -604,26 +621,14 @@ def test_helm_upgrade_after_applying_the_crds_keeps_pools_and_their_pods() -> No
         ).stdout
     )["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert "volumeMounts" in schema and "topologySpreadConstraints" in schema
-    proc = subprocess.run(
-        ["helm", "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--wait", "--timeout", "240s"]
-        # --set-string: a run id of six digits would otherwise be a number, which the schema refuses.
-        + ["--set-string", f"operator.podAnnotations.damops-e2e/upgraded={RUN}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --set-string: a run id of six digits would otherwise be a number, which the schema refuses.
+    new = helm_upgrade("--set-string", f"operator.podAnnotations.damops-e2e/upgraded={RUN}")
     history = json.loads(
         subprocess.run(
             ["helm", "history", RELEASE, "-n", NS, "-o", "json"], capture_output=True, text=True, timeout=60
         ).stdout
     )
     assert history[-1]["status"] == "deployed" and history[-1]["revision"] >= 2, history
-    new = wait_for(
-        "the upgraded operator pod Ready",
-        lambda: (p := operator_pod()) and p["metadata"]["name"] != old["metadata"]["name"] and p,
-        120,
-    )
     assert new["metadata"]["annotations"].get("damops-e2e/upgraded") == RUN
     wait_ready(name, 2)
     assert {p["metadata"]["uid"] for p in live_pods(name)} == uids, "the upgrade recreated the pool's pods"
@@ -685,23 +690,11 @@ def test_tracing_values_send_claim_and_run_spans_to_an_otlp_collector() -> None:
             return pod["status"].get("podIP") if listening else None
 
         ip = wait_for("the collector pod listening", receiver_ip, timeout=120)
-        old = operator_pod()
-        assert old is not None
         quick_export = [{"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "200"}]  # spans leave in 0.2 s, not 5
-        proc = subprocess.run(
-            ["helm", "upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--wait", "--timeout", "240s"]
-            + ["--set", "tracing.enabled=true", "--set", f"tracing.endpoint=http://{ip}:4318"]
-            + ["--set-json", f"workers.env={json.dumps(quick_export)}"]
-            + ["--set-json", f"operator.extraEnv={json.dumps(quick_export)}"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        wait_for(
-            "the operator pod with tracing on Ready",
-            lambda: (p := operator_pod()) and p["metadata"]["name"] != old["metadata"]["name"] and p,
-            120,
+        helm_upgrade(
+            *("--set", "tracing.enabled=true", "--set", f"tracing.endpoint=http://{ip}:4318"),
+            *("--set-json", f"workers.env={json.dumps(quick_export)}"),
+            *("--set-json", f"operator.extraEnv={json.dumps(quick_export)}"),
         )
         apply_pool(name, 1)
         wait_ready(name, 1)

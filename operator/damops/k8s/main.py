@@ -73,12 +73,22 @@ def set_log_levels(*, verbose: bool, operation_log: bool) -> None:
 
 
 def check_configuration() -> None:
-    """A bad setting stops start-up here, with the variable's name (ConfigError), before any I/O."""
-    from damops.config import load_settings
+    """Stop start-up with one line (ConfigError) on a bad setting, naming the variable,
+    and then without a reachable cluster: not a traceback every 60 s."""
+    from kubernetes import config as kube_config
+
+    from damops.config import ConfigError, load_settings
     from damops.k8s.specs import WorkerDefaults
 
     load_settings()
     WorkerDefaults.from_env(os.environ)
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        try:
+            kube_config.load_kube_config()
+        except (kube_config.ConfigException, OSError) as exc:
+            raise ConfigError(f"no Kubernetes cluster configured (in-cluster or KUBECONFIG): {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
