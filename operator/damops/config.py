@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # With WORKER_PREFETCH on: how many operations a worker may hold ahead. Deeper
     # means bigger claims and fewer wake-ups per operation for short operations.
     worker_prefetch_depth: int = Field(default=1, ge=1, le=32, validation_alias="WORKER_PREFETCH_DEPTH")
+    # With WORKER_PREFETCH on: how long an operation held ahead may wait behind a
+    # running one. After that it is handed back and a free worker takes it, so a
+    # long operation never holds up a short one for long.
+    worker_prefetch_max_wait: Duration = Field(default=1.0, gt=0, validation_alias="WORKER_PREFETCH_MAX_WAIT")
     # Prometheus /metrics of `damops run` (0 = off); the operator has its own DAMOPS_METRICS_PORT.
     metrics_port: int = Field(default=0, ge=0, le=65535, validation_alias="DAMOPS_RUN_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", validation_alias="DAMOPS_RUN_METRICS_HOST")

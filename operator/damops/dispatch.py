@@ -20,7 +20,11 @@ WORKER_PREFETCH_DEPTH leases ``ahead``: sent ahead, waiting in the worker's sock
 moment the one before ends (the scheduler learns it from that StatusUpdate). They
 are not executing: drain, cancel, stop and a new scheduler get them handed back
 unrun (released) unless they started first; when the worker is lost or restarted
-they are recovered like the running one, since they may have started.
+they are recovered like the running one, since they may have started. A running
+operation that lasts longer than WORKER_PREFETCH_MAX_WAIT has those held behind it
+handed back too, and its worker gets nothing more ahead until it ends: a long
+operation holds up a short one for about that long at most, then a free worker
+takes it.
 """
 
 from __future__ import annotations
@@ -87,6 +91,15 @@ class Worker:
     pid: int | None = None
     boot: str | None = None  # the sidecar process we last spoke to
     worker_gone: bool = False  # NotReady since the last Ready: not free when its lease ends
+    running_since: float = 0.0  # when the running lease started (as far as we know)
+    overdue: bool = False  # the running lease outlasted WORKER_PREFETCH_MAX_WAIT: nothing more ahead
+
+    def start(self, lease: Lease, now: float) -> None:
+        """``lease`` is the one it runs from now on."""
+        self.lease = lease
+        self.state = WorkerState.ACTIVE
+        self.last_touched = self.running_since = now
+        self.overdue = False
 
     @property
     def claimable(self) -> bool:
@@ -106,6 +119,7 @@ class Worker:
             and self.connected
             and not self.draining
             and not self.worker_gone
+            and not self.overdue
         )
 
 
@@ -150,6 +164,7 @@ class Stats:
     dropped_channels: int = 0
     readopted: int = 0  # leases kept across a dropped channel
     prefetched: int = 0  # operations sent ahead to a busy worker
+    overdue_handed_back: int = 0  # held ones withdrawn from behind an operation outlasting WORKER_PREFETCH_MAX_WAIT
     write_errors: int = 0  # StatusUpdates that could not be stored as sent
 
 
@@ -224,7 +239,7 @@ class WorkerTable:
         same_sidecar, worker.boot = worker.boot == boot, boot
         worker.connected = True
         if worker.ahead:
-            effects += self._reconcile_ahead(worker, busy, undelivered, same_sidecar)
+            effects += self._reconcile_ahead(worker, busy, undelivered, same_sidecar, now)
         lease = worker.lease
         if lease is not None:
             if busy == (lease.id, lease.attempt) or lease.id in undelivered:
@@ -243,16 +258,14 @@ class WorkerTable:
             worker.worker_gone = False  # it is running an operation right now
         if busy is not None and worker.lease is None:
             # Handed out by a scheduler before us: adopt it rather than run it twice.
-            worker.lease = Lease(busy[0], busy[1], name)
-            worker.state = WorkerState.ACTIVE
-            worker.last_touched = now
+            worker.start(Lease(busy[0], busy[1], name), now)
             self.stats.readopted += 1
         elif worker.state is WorkerState.FREE:
             worker.state = WorkerState.PENDING  # until the sidecar says Ready again
         return effects
 
     def _reconcile_ahead(
-        self, worker: Worker, busy: tuple[int, int] | None, undelivered: set[int], same_sidecar: bool
+        self, worker: Worker, busy: tuple[int, int] | None, undelivered: set[int], same_sidecar: bool, now: float
     ) -> Effects:
         """After a reconnect: what became of the leases the sidecar held ahead. Those it
         lists as undelivered have a StatusUpdate coming (handed back, or it ran). One it
@@ -285,8 +298,11 @@ class WorkerTable:
         if started is None:
             worker.ahead = kept
         else:
-            worker.lease, worker.ahead = order[0], order[1:] + kept
-            worker.state = WorkerState.ACTIVE
+            running, worker.ahead = order[0], order[1:] + kept
+            if running == worker.lease:
+                worker.state = WorkerState.ACTIVE
+            else:
+                worker.start(running, now)
         return effects
 
     def channel_lost(self, name: str, now: float) -> Effects:
@@ -364,7 +380,7 @@ class WorkerTable:
             worker.last_touched = now
             if worker.ahead:
                 # The worker started the next one held ahead the moment this one ended.
-                worker.lease = worker.ahead.pop(0)
+                worker.start(worker.ahead.pop(0), now)
             else:
                 self._idle(worker, now, effects)
             return effects
@@ -383,8 +399,7 @@ class WorkerTable:
             worker.lease, worker.ahead = None, worker.ahead[position:]
             worker.last_touched = now
             if worker.ahead:
-                worker.lease = worker.ahead.pop(0)
-                worker.state = WorkerState.ACTIVE
+                worker.start(worker.ahead.pop(0), now)
         if worker.lease is None and not worker.ahead:
             self._idle(worker, now, effects)
         return effects
@@ -423,9 +438,7 @@ class WorkerTable:
         if worker is None or not worker.claimable:
             self.stats.released += 1
             return Effects(releases=[lease])
-        worker.lease = lease
-        worker.state = WorkerState.ACTIVE
-        worker.last_touched = now
+        worker.start(lease, now)
         self.stats.claimed += 1
         return Effects(send=[lease])
 
@@ -453,6 +466,20 @@ class WorkerTable:
                 )
         return effects
 
+    def hand_back_overdue(self, now: float, max_wait: float) -> Effects:
+        """Prefetch meets a long operation: a worker whose running lease has lasted
+        longer than ``max_wait`` (WORKER_PREFETCH_MAX_WAIT) hands back what it holds
+        ahead, unrun, to be claimed again (by a free worker first), and gets nothing
+        more ahead until that lease ends. Once per running lease."""
+        effects = Effects()
+        for worker in self.workers.values():
+            if worker.lease is None or worker.overdue or now - worker.running_since <= max_wait:
+                continue
+            worker.overdue = True
+            self.stats.overdue_handed_back += len(worker.ahead)
+            effects.withdraw += worker.ahead
+        return effects
+
     def cancel_requested(self, requested: list[tuple[int, int, str]], now: float, grace: float) -> Effects:
         """Leases of ours whose cancel was requested (id, attempt, worker): send each a
         Cancel once; one still running ``grace`` seconds later has its worker killed
@@ -478,6 +505,10 @@ class WorkerTable:
 
     def cancels_pending(self) -> bool:
         return bool(self._cancel_sent)
+
+    def holds_ahead(self) -> bool:
+        """Some worker holds a lease ahead (prefetched, not executing)."""
+        return any(w.ahead for w in self.workers.values())
 
     def leases(self) -> list[Lease]:
         """Every lease held, prefetched ones included."""

@@ -205,10 +205,13 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         """Ends only on stop: a failed cycle is logged and the next one tries again."""
-        last_expiry_check = time.monotonic()
+        last_expiry_check = last_overdue_check = time.monotonic()
+        max_wait = self.settings.worker_prefetch_max_wait
+        overdue_every = min(self.settings.scheduler_heartbeat, max_wait / 2)  # held ones wait about max_wait at most
         while not self._stopping:
+            held = self.table.prefetch and self.table.holds_ahead()  # any() stops at the first busy worker
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.scheduler_heartbeat)
+                await asyncio.wait_for(self._wake.wait(), overdue_every if held else self.settings.scheduler_heartbeat)
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -217,6 +220,9 @@ class Scheduler:
                 last_expiry_check = now
                 self._apply(self.table.expire(now, self.settings.max_worker_active_time))
                 self._cancel_check = True  # NOTIFY is prompt; the heartbeat catches a missed one
+            if self.table.prefetch and now - last_overdue_check >= overdue_every:
+                last_overdue_check = now
+                self._apply(self.table.hand_back_overdue(now, max_wait))
             try:
                 if self._cancel_check and self.table.leases():
                     self._cancel_check = False

@@ -10,8 +10,8 @@ A worker does one thing at a time, so it uses plain blocking sockets: the main
 thread receives and runs operations (no hand-over between threads: one wake-up
 per operation), a small thread sends heartbeats so the sidecar knows a long
 operation is still alive. While an operation runs nobody blocks on the socket:
-a Cancel is read when the trigger function looks (``context.cancelled``,
-``context.wait_cancelled``) or at the next heartbeat. Async trigger functions
+a Cancel (or a Withdraw of one held ahead) is read when the trigger function
+looks (``context.cancelled``, ``context.wait_cancelled``) or within PUMP_INTERVAL. Async trigger functions
 run on one event loop kept for the life of the process.
 """
 
@@ -47,6 +47,9 @@ class _Resolved:
     is_async: bool
     logger: logging.Logger
 
+
+# How often the heartbeat thread reads the socket while an operation runs.
+PUMP_INTERVAL = 0.25
 
 # Below glibc's mmap threshold: a read buffer is not mapped and unmapped per frame.
 _READ_BYTES = 65536
@@ -305,12 +308,18 @@ class WorkerRuntime:
                 delay = min(delay * 2, 0.5)
 
     def _heartbeat(self, channel: BlockingChannel, stop: threading.Event) -> None:
-        while not stop.wait(protocol.HEARTBEAT_INTERVAL):
-            try:
-                channel.send(Heartbeat())
-            except OSError:
-                return
-            self._pump(0)  # a Cancel reaches a trigger function that never looks, too
+        """A Heartbeat every HEARTBEAT_INTERVAL; and, every PUMP_INTERVAL while an
+        operation runs, a read of what the sidecar sent: a Cancel reaches a trigger
+        function that never looks, and a Withdraw of one held ahead is answered."""
+        next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+        while not stop.wait(PUMP_INTERVAL):
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + protocol.HEARTBEAT_INTERVAL
+                try:
+                    channel.send(Heartbeat())
+                except OSError:
+                    return
+            self._pump(0)
 
     def _resolve(self, name: str) -> _Resolved:
         resolved = self._resolved.get(name)

@@ -941,6 +941,10 @@ def test_worker_prefetch_value_reaches_the_operator_as_a_setting() -> None:
     pod = operator_pod(render("--set", "configuration.digitalAssetManagement.workerPrefetchDepth=6"))
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert Settings(WORKER_PREFETCH_DEPTH=env["WORKER_PREFETCH_DEPTH"]).worker_prefetch_depth == 6
+    assert Settings(WORKER_PREFETCH_MAX_WAIT=env["WORKER_PREFETCH_MAX_WAIT"]).worker_prefetch_max_wait == 1.0
+    pod = operator_pod(render("--set", "configuration.digitalAssetManagement.workerPrefetchMaxWait=300ms"))
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert Settings(WORKER_PREFETCH_MAX_WAIT=env["WORKER_PREFETCH_MAX_WAIT"]).worker_prefetch_max_wait == 0.3
 
 
 def test_operation_log_value_turns_the_operators_line_per_run_off() -> None:

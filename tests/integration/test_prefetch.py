@@ -154,3 +154,44 @@ def test_deeper_prefetch_runs_every_operation_once_one_at_a_time_per_worker(data
         runs.sort()
         assert all(later[0] >= earlier[1] for earlier, later in zip(runs, runs[1:])), "two ran at once"
     assert stats["prefetched"] >= 8
+
+
+def test_an_operation_held_behind_a_long_one_is_handed_back_and_run_by_a_free_worker(database_url, tmp_path):
+    """WORKER_PREFETCH_MAX_WAIT: the short operation held behind a long one does not wait
+    for it. It is handed back unrun, and the worker that frees up first runs it."""
+    config = settings(worker_count=2, worker_prefetch=True, worker_prefetch_max_wait=0.5)
+    first_release, long_release = tmp_path / "release-first", tmp_path / "release-long"
+
+    def enqueue_batch(*inputs: dict) -> list[int]:
+        with psycopg.connect(database_url) as conn:
+            return enqueue_many(conn, [NewOperation(EXCLUSIVE, i) for i in inputs])
+
+    async def scenario():
+        async with running_engine(database_url, config) as engine:
+            (first,) = await asyncio.to_thread(enqueue_batch, {"dir": str(tmp_path), "release": str(first_release)})
+            await wait_until(lambda: (tmp_path / f"started-{first}").exists(), 30, "the first operation to start")
+            # One claim: the long one for the free worker, the short one ahead of it.
+            long, short = await asyncio.to_thread(
+                enqueue_batch, {"dir": str(tmp_path), "release": str(long_release)}, {"dir": str(tmp_path)}
+            )
+            await wait_until(lambda: _held(engine).get(_running(engine, long)) == short, 30, "short held behind long")
+            first_release.touch()
+            await wait_final(database_url, [first, short], timeout=30)
+            assert row(database_url, long)["status"] == "PROCESSING"  # still running: short did not wait for it
+            long_release.touch()
+            await wait_final(database_url, [long])
+            return first, long, short, engine.scheduler.snapshot().stats
+
+    first, long, short, stats = asyncio.run(scenario())
+    a, b, c = row(database_url, first), row(database_url, long), row(database_url, short)
+    assert a["status"] == b["status"] == c["status"] == "SUCCESS"
+    assert c["attempts"] == 1  # handed back unrun: no attempt used
+    assert c["result"]["pid"] == a["result"]["pid"] != b["result"]["pid"]  # run by the worker that freed up
+    assert stats["overdue_handed_back"] >= 1
+
+
+def _running(engine, operation_id: int) -> str | None:
+    """The worker running ``operation_id``."""
+    return next(
+        (w.name for w in engine.scheduler.table.workers.values() if w.lease and w.lease.id == operation_id), None
+    )

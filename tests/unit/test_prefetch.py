@@ -241,3 +241,37 @@ def test_a_reconnect_to_the_same_sidecar_releases_the_held_ones_it_never_got():
     effects = table.connected("w1", "boot-w1", busy=(1, 1), undelivered={2}, now=3.0)
     assert effects.releases == [lease(3)] and effects.completions == []
     assert table.workers["w1"].lease == lease(1) and table.workers["w1"].ahead == [lease(2)]
+
+
+def test_a_held_operation_is_handed_back_once_the_running_one_outlasts_the_max_wait():
+    table = busy_with_one_held()  # lease 1 started at 1.0, lease 2 held behind it
+    assert table.hand_back_overdue(1.9, max_wait=1.0).withdraw == []  # 0.9 s: not yet
+    effects = table.hand_back_overdue(2.1, max_wait=1.0)
+    assert effects.withdraw == [lease(2)]
+    assert table.hand_back_overdue(5.0, max_wait=1.0).withdraw == []  # once per running lease
+    assert table.claimable() == []  # nothing more ahead of an overdue worker
+    effects = table.status("w1", handed_back(2), 2.2)
+    assert keys(effects.releases) == [(2, 1, "w1")]  # back to NEW, its attempt given back
+    assert table.workers["w1"].lease == lease(1) and table.stats.overdue_handed_back == 1
+
+
+def test_an_overdue_worker_takes_operations_ahead_again_once_its_long_one_ends():
+    table = ready_table("w1", "w2")
+    table.assign(lease(1, "w1"), 1.0)
+    table.assign(lease(2, "w2"), 1.0)
+    assert table.claimable() == ["w1", "w2"]
+    table.hand_back_overdue(2.5, max_wait=1.0)  # both running for 1.5 s
+    assert table.claimable() == []
+    table.status("w1", success(1), 3.0)
+    assert table.claimable() == ["w1", "w1"]  # free again: its own slot and one ahead
+    table.assign(lease(3, "w1"), 3.0)
+    assert table.claimable() == ["w1"]  # a new running lease, young: room ahead again
+    assert table.hand_back_overdue(3.5, max_wait=1.0).withdraw == []
+
+
+def test_the_next_held_one_starting_restarts_the_clock():
+    table = busy_with_one_held()
+    table.status("w1", success(1), 1.8)  # lease 2 starts at 1.8
+    assert table.hand_back_overdue(2.5, max_wait=1.0).withdraw == []
+    table.assign(lease(3), 2.5)
+    assert table.hand_back_overdue(2.9, max_wait=1.0).withdraw == [lease(3)]

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
+from damops.config import parse_duration
+
 # --------------------------------------------------------------------------- helpers
 
 #: Any Kubernetes object we pass through untouched (affinity, tolerations, envFrom, ...).
@@ -310,6 +312,14 @@ class WorkerPoolSpec(_Model):
             "hold ahead (deeper: fewer wake-ups per operation for very short ones). Default: the Helm value."
         ),
     )
+    worker_prefetch_max_wait: Duration | None = Field(
+        default=None,
+        description=(
+            "WORKER_PREFETCH_MAX_WAIT for this pool: with workerPrefetch on, how long an operation held ahead "
+            "may wait behind a running one before it is handed back for a free worker, e.g. 1s. "
+            "Default: the Helm value."
+        ),
+    )
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
     autoscaling: Autoscaling | None = Field(
         default=None,
@@ -324,6 +334,8 @@ class WorkerPoolSpec(_Model):
         clash = sorted({str(m.get("mountPath")) for m in self.volume_mounts} & RESERVED_MOUNT_PATHS)
         if clash:
             raise ValueError(f"mountPath {', '.join(clash)} is the pod's own; pick another path")
+        if self.worker_prefetch_max_wait is not None and parse_duration(self.worker_prefetch_max_wait) <= 0:
+            raise ValueError("workerPrefetchMaxWait must be more than 0")
         return self
 
     def pool_name(self, resource_name: str) -> str:

@@ -22,6 +22,8 @@ def pool_settings(base: Settings, spec: WorkerPoolSpec) -> Settings:
         update["worker_prefetch"] = spec.worker_prefetch
     if spec.worker_prefetch_depth is not None:
         update["worker_prefetch_depth"] = spec.worker_prefetch_depth
+    if spec.worker_prefetch_max_wait is not None:
+        update["worker_prefetch_max_wait"] = parse_duration(spec.worker_prefetch_max_wait)
     return base.model_copy(update=update)
 
 
@@ -47,4 +49,5 @@ class SchedulerConfig:
             s.operation_wait_interval,
             s.worker_prefetch,
             s.worker_prefetch_depth,
+            s.worker_prefetch_max_wait,
         )

@@ -87,6 +87,20 @@ def test_pool_worker_prefetch_depth_overrides_the_operators_and_restarts_the_sch
         WorkerPoolSpec.model_validate({"workerPrefetchDepth": 0})
 
 
+def test_pool_worker_prefetch_max_wait_overrides_the_operators_and_restarts_the_scheduler() -> None:
+    base = Settings(WORKER_PREFETCH="true", WORKER_PREFETCH_MAX_WAIT="2s")
+    assert pool_settings(base, WorkerPoolSpec()).worker_prefetch_max_wait == 2.0
+    shorter = pool_settings(base, WorkerPoolSpec.model_validate({"workerPrefetchMaxWait": "250ms"}))
+    assert shorter.worker_prefetch_max_wait == 0.25
+    key = lambda s: SchedulerConfig("postgresql://db", "p", "secret", s).key  # noqa: E731
+    assert key(shorter) != key(pool_settings(base, WorkerPoolSpec())), "a changed max wait restarts the scheduler"
+    for bad in ("0s", "0", "soon"):
+        with pytest.raises(ValidationError):
+            WorkerPoolSpec.model_validate({"workerPrefetchMaxWait": bad})
+    with pytest.raises(ValidationError):
+        Settings(WORKER_PREFETCH_MAX_WAIT="0")
+
+
 def test_no_operation_log_drops_the_line_per_run_and_keeps_warnings() -> None:
     from damops.k8s.main import build_parser, set_log_levels
     from damops.logs import OPERATION_LOG
