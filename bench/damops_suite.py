@@ -87,6 +87,7 @@ class DamopsPool:
         pool: str,
         child_env: dict[str, str] | None = None,
         prefetch: int = 0,
+        prefetch_max_wait: float = 1.0,
     ) -> None:
         self.url = url
         self.workers = workers
@@ -99,6 +100,7 @@ class DamopsPool:
             secret=self.secret,
             worker_prefetch=prefetch > 0,
             worker_prefetch_depth=max(prefetch, 1),
+            worker_prefetch_max_wait=prefetch_max_wait,
         )
         self.scheduler = Scheduler(self.settings, url, secret=self.secret)
         self.supervisor = supervisor_class(child_env or {})(self.scheduler, workers, self.secret)

@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="WORKER_PREFETCH of the utilisation runs: off, on (depth 1) or a WORKER_PREFETCH_DEPTH",
     )
     p.add_argument("--startup-samples", type=int, default=3, help="16-worker start-ups timed (0: skip)")
+    p.add_argument(
+        "--hol-workers", type=int, default=16, help="workers of the short-behind-long runs (head_of_line.py; 0: skip)"
+    )
     p.add_argument("--latency-samples", type=int, default=None)
     p.add_argument("--latency-pause-ms", type=float, default=25.0, help="pause between latency samples")
     p.add_argument("--poll-ms", type=float, default=20.0, help="how often completion is polled")
@@ -245,6 +248,11 @@ async def utilisation_async(args: argparse.Namespace, admin_url: str) -> dict[st
         out["utilisation"] = await run_utilisation(
             url, args.util_workers, args.util_durations, args.util_per_worker, args.util_prefetch_list, tag
         )
+    if args.hol_workers:
+        from head_of_line import run_head_of_line
+
+        print(f"damops short operations queued with long ones, {args.hol_workers} workers", flush=True)
+        out["head_of_line"] = await run_head_of_line(url, args.hol_workers, tag)
     return out
 
 
@@ -601,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                 for step in (run_damops, run_peers) if number % 2 else (run_peers, run_damops):
                     step()
                 rounds.append(this)
-            if args.util_workers or args.startup_samples:
+            if args.util_workers or args.startup_samples or args.hol_workers:
                 # Once, after the rounds: start-up and operations that take time.
                 with loop_runner("damops", args.loop) as runner:
                     report.update(runner.run(utilisation_async(args, admin_url)))
