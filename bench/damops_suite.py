@@ -51,12 +51,13 @@ def _enqueue_batch(conn: psycopg.Connection, ops: list[NewOperation]) -> tuple[l
 
 
 def _produce_singles(conn: psycopg.Connection, pool: str, samples: int, pause: float) -> list[tuple[int, float, float]]:
-    """One operation per transaction; (id, wall-clock time just before its INSERT, after its COMMIT)."""
+    """One operation per statement on an autocommit connection, as PGQueuer's producer
+    does (peers.py); (id, wall-clock time just before its INSERT, after its COMMIT)."""
+    assert conn.autocommit, "one statement, its own transaction: no BEGIN round trip"
     sent = []
     for i in range(samples):
         before = time.time()
-        with conn.transaction():
-            (op_id,) = enqueue_many(conn, [NewOperation("started_at", {"sample": i}, pool=pool)])
+        (op_id,) = enqueue_many(conn, [NewOperation("started_at", {"sample": i}, pool=pool)])
         sent.append((op_id, before, time.time()))
         time.sleep(pause)
     return sent
@@ -242,6 +243,7 @@ async def run_damops(
     log.info("migrated: %s", applied)
     results = []
     producer = await asyncio.to_thread(psycopg.connect, url)
+    single_producer = await asyncio.to_thread(psycopg.connect, url, autocommit=True)
     poller = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
         configs = [(w, 0) for w in worker_counts]
@@ -264,7 +266,7 @@ async def run_damops(
                 print(f"  {label}: pre-heated in {pool.preheat_seconds:.1f}s", flush=True)
                 # Warm-up: every worker resolves both trigger functions once.
                 await run_batch(pool, producer, poller, max(4 * workers, 50), poll_interval)
-                await run_latency(pool, producer, poller, min(workers, 10), latency_pause, poll_interval)
+                await run_latency(pool, single_producer, poller, min(workers, 10), latency_pause, poll_interval)
                 runs = []
                 for _ in range(repeats):
                     timed, outcome = await run_batch(pool, producer, poller, ops[workers], poll_interval)
@@ -280,7 +282,7 @@ async def run_damops(
                     )
                 entry["throughput"] = throughput_summary(runs)
                 entry["latency"] = await run_latency(
-                    pool, producer, poller, latency_samples, latency_pause, poll_interval
+                    pool, single_producer, poller, latency_samples, latency_pause, poll_interval
                 )
                 lat = entry["latency"]
                 print(
@@ -301,4 +303,5 @@ async def run_damops(
     finally:
         await poller.close()
         producer.close()
+        single_producer.close()
     return results
