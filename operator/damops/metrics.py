@@ -94,6 +94,7 @@ _SCHEDULER_COUNTERS = {
     "recovered": "Operations the scheduler ended as failures: their worker died, expired or was removed",
     "readopted": "Operations kept across a dropped channel or adopted from a sidecar (not run twice)",
     "prefetched": "Operations sent ahead to a busy worker's sidecar (WORKER_PREFETCH)",
+    "overdue_handed_back": "Operations held ahead that were handed back: the one running outlasted WORKER_PREFETCH_MAX_WAIT",
     "dropped_channels": "Scheduler-sidecar channels that dropped",
     "write_errors": "StatusUpdates the database refused as sent (stored as failures naming why)",
 }

@@ -81,6 +81,7 @@ def test_runs_durations_queue_times_and_workers_are_exported(database_url):
     assert value(after, "damops_operation_queue_seconds_bucket", le="+Inf", **ok) >= 5
     assert value(after, "damops_scheduler_workers", pool=pool, state="free") == 2
     assert ("damops_scheduler_released_total", (("pool", pool),)) in after
+    assert ("damops_scheduler_overdue_handed_back_total", (("pool", pool),)) in after
 
 
 def test_one_log_line_per_finished_run_names_the_operation(database_url, caplog):

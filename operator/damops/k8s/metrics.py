@@ -33,6 +33,11 @@ RETRIED = Counter("damops_operations_retried", "Operations given back for anothe
 PREFETCHED = Counter(
     "damops_operations_prefetched", "Operations sent ahead to a busy worker's sidecar (workerPrefetch)", _LABELS
 )
+HANDED_BACK_OVERDUE = Counter(
+    "damops_operations_handed_back_overdue",
+    "Operations held ahead that were handed back: the one running outlasted workerPrefetchMaxWait",
+    _LABELS,
+)
 WORKER_RESTARTS = Counter("damops_worker_restarts", "Worker pods replaced by the operator", _LABELS + ("reason",))
 ROUNDS = Counter("damops_reconcile_rounds", "Reconcile rounds of a WorkerPool's daemon", _LABELS)
 API_REQUESTS = Counter(
@@ -45,6 +50,7 @@ _STATS = {
     "failed": FAILED,
     "retried": RETRIED,
     "prefetched": PREFETCHED,
+    "overdue_handed_back": HANDED_BACK_OVERDUE,
 }
 
 _started = False

@@ -118,3 +118,16 @@ def test_no_operation_log_drops_the_line_per_run_and_keeps_warnings() -> None:
     finally:
         for logger, level in zip(loggers, saved, strict=True):
             logger.setLevel(level)
+
+
+def test_the_schedulers_counters_become_prometheus_counters_by_their_increase() -> None:
+    from prometheus_client import REGISTRY
+
+    from damops.k8s.metrics import observe_stats
+
+    labels = {"namespace": "ns-counters", "workerpool": "pool-counters"}
+    seen: dict[str, float] = {}
+    observe_stats("ns-counters", "pool-counters", {"prefetched": 4, "overdue_handed_back": 1}, seen)
+    observe_stats("ns-counters", "pool-counters", {"prefetched": 10, "overdue_handed_back": 3}, seen)
+    assert REGISTRY.get_sample_value("damops_operations_prefetched_total", labels) == 10
+    assert REGISTRY.get_sample_value("damops_operations_handed_back_overdue_total", labels) == 3
