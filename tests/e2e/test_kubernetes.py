@@ -316,7 +316,8 @@ def test_prefetching_pool_hands_back_held_operations_when_scaled_down() -> None:
     three operations. Scaling down drains them; what they held goes back to the queue unrun:
     every operation ends SUCCESS after exactly one counted attempt."""
     name = f"prefetch-{RUN}"
-    apply_pool(name, 3, workerPrefetch=True, workerPrefetchDepth=3)
+    # Held ones stay held behind 2 s operations: a max wait longer than they run.
+    apply_pool(name, 3, workerPrefetch=True, workerPrefetchDepth=3, workerPrefetchMaxWait="1m")
     wait_ready(name, 3)
     ids = enqueue(name, "sleep", 18, {"seconds": 2})  # more than 6 stay claimed for about 6 s
     # Depth 1 claims at most 2 per worker (6 here): more means the depth reached the pool.

@@ -15,6 +15,9 @@ from damops.operations import NewOperation, enqueue, enqueue_many
 from tests.support.engine import row, running_engine, settings, wait_final, wait_until
 
 EXCLUSIVE = "tests.support.exclusive:run"
+# Longer than any test here: what is held ahead stays held, however slowly the machine runs
+# (except in the test of WORKER_PREFETCH_MAX_WAIT itself).
+KEEP_HELD = 600.0
 
 
 def _enqueue(database_url: str, inputs: dict) -> int:
@@ -37,7 +40,7 @@ async def _one_running_one_held(database_url, engine, tmp_path):
 
 
 def test_a_held_operation_starts_when_the_running_one_ends_never_alongside_it(database_url, tmp_path):
-    config = settings(worker_count=1, worker_prefetch=True)
+    config = settings(worker_count=1, worker_prefetch=True, worker_prefetch_max_wait=KEEP_HELD)
 
     async def scenario():
         async with running_engine(database_url, config) as engine:
@@ -58,7 +61,7 @@ def test_a_held_operation_starts_when_the_running_one_ends_never_alongside_it(da
 
 
 def test_drain_hands_the_held_operation_back_unrun(database_url, tmp_path):
-    config = settings(worker_count=1, worker_prefetch=True)
+    config = settings(worker_count=1, worker_prefetch=True, worker_prefetch_max_wait=KEEP_HELD)
 
     async def scenario():
         async with running_engine(database_url, config) as engine:
@@ -78,7 +81,7 @@ def test_drain_hands_the_held_operation_back_unrun(database_url, tmp_path):
 
 
 def test_a_cancelled_held_operation_ends_cancelled_without_running(database_url, tmp_path):
-    config = settings(worker_count=1, worker_prefetch=True)
+    config = settings(worker_count=1, worker_prefetch=True, worker_prefetch_max_wait=KEEP_HELD)
 
     async def scenario():
         async with running_engine(database_url, config) as engine:
@@ -98,7 +101,7 @@ def test_a_cancelled_held_operation_ends_cancelled_without_running(database_url,
 
 
 def test_a_lost_worker_hands_its_held_operation_back_and_it_runs_once(database_url, tmp_path):
-    config = settings(worker_count=1, worker_prefetch=True)
+    config = settings(worker_count=1, worker_prefetch=True, worker_prefetch_max_wait=KEEP_HELD)
 
     async def scenario():
         async with running_engine(database_url, config) as engine:
@@ -120,7 +123,7 @@ def test_deeper_prefetch_runs_every_operation_once_one_at_a_time_per_worker(data
     """WORKER_PREFETCH_DEPTH 4 with two workers: up to five operations per worker are
     claimed at once, yet each runs once, alone on its worker, and a worker killed
     while it holds several loses none of them."""
-    config = settings(worker_count=2, worker_prefetch=True, worker_prefetch_depth=4)
+    config = settings(worker_count=2, worker_prefetch=True, worker_prefetch_depth=4, worker_prefetch_max_wait=KEEP_HELD)
     release = tmp_path / "release"
 
     def enqueue_batch(count: int, inputs: dict) -> list[int]:
@@ -136,7 +139,10 @@ def test_deeper_prefetch_runs_every_operation_once_one_at_a_time_per_worker(data
                 "each busy worker to hold four ahead",
             )
             assert engine.scheduler.snapshot().active == 2
-            assert sum(1 for op_id in held if (tmp_path / f"started-{op_id}").exists()) == 2
+            # Sent is not yet started: wait for the two to start; none of those held has.
+            started = lambda: sum(1 for op_id in held if (tmp_path / f"started-{op_id}").exists())  # noqa: E731
+            await wait_until(lambda: started() >= 2, 30, "the two sent to start")
+            assert started() == 2
             os.kill(min(engine.worker_pids()), signal.SIGKILL)  # a worker lost with four held
             release.touch()
             quick = await asyncio.to_thread(enqueue_batch, 40, {"dir": str(tmp_path), "seconds": 0})
