@@ -207,7 +207,8 @@ class Scheduler:
         """Ends only on stop: a failed cycle is logged and the next one tries again."""
         last_expiry_check = last_overdue_check = time.monotonic()
         max_wait = self.settings.worker_prefetch_max_wait
-        overdue_every = min(self.settings.scheduler_heartbeat, max_wait / 2)  # held ones wait about max_wait at most
+        # Held ones wait max_wait, plus up to a tenth of it: a check on a cadence costs nothing per cycle.
+        overdue_every = min(self.settings.scheduler_heartbeat, max_wait / 10)
         while not self._stopping:
             held = self.table.prefetch and self.table.holds_ahead()  # any() stops at the first busy worker
             try:
